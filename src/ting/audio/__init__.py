@@ -1,0 +1,71 @@
+"""What the user sent -> 16 kHz mono float32, or a precise error.
+
+`AudioLoader` is the one entry point the service uses: it reads the bytes behind an audio reference
+(sources.py, guarded by guard.py) and decodes them in isolated worker processes (decode.py).
+"""
+
+from __future__ import annotations
+
+from ting.audio.decode import DecoderPool, sniff
+from ting.audio.guard import MediaGuard
+from ting.audio.sources import (
+    AudioSources,
+    HttpFetcher,
+    ObjectStore,
+    Resolver,
+    parse_data_uri,
+    system_resolver,
+)
+from ting.audio.tokens import audio_tokens, billed_audio_tokens
+from ting.config import Settings
+from ting.types import WINDOW_S, AudioClip
+
+__all__ = [
+    "AudioLoader",
+    "AudioSources",
+    "DecoderPool",
+    "HttpFetcher",
+    "MediaGuard",
+    "ObjectStore",
+    "audio_tokens",
+    "billed_audio_tokens",
+    "parse_data_uri",
+    "sniff",
+]
+
+
+class AudioLoader:
+    def __init__(self, sources: AudioSources, pool: DecoderPool) -> None:
+        self.sources = sources
+        self.pool = pool
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: ObjectStore | None, *, resolver: Resolver = system_resolver
+    ) -> AudioLoader:
+        fetcher = HttpFetcher(
+            MediaGuard(settings.allow_media_hosts),
+            max_bytes=settings.max_audio_bytes,
+            connect_timeout_s=settings.fetch_connect_timeout_s,
+            read_timeout_s=settings.fetch_read_timeout_s,
+            total_timeout_s=settings.fetch_timeout_s,
+            concurrency=settings.fetch_concurrency,
+            resolver=resolver,
+        )
+        pool = DecoderPool(settings.decode_workers, timeout_s=settings.decode_timeout_s,
+                           memory_mib=settings.decode_memory_mib)
+        return cls(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool)
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.sources.fetcher.aclose()
+
+    async def load(
+        self, source: str, *, owner: str | None = None, oss_resolve: bool = True, max_seconds: float = WINDOW_S
+    ) -> AudioClip:
+        """Fetch and decode one audio reference (http(s) URL, data: URI or oss:// key)."""
+        data = await self.sources.read(source, owner=owner, oss_resolve=oss_resolve)
+        return await self.pool.decode(data, max_seconds=max_seconds)

@@ -1,0 +1,393 @@
+"""Untrusted bytes -> 16 kHz mono float32, through FFmpeg (PyAV), isolated from the server.
+
+The container is sniffed from the magic bytes (never from a name or a declared type) and the demuxer is
+forced to that one, so playlist and concat demuxers that open further URLs can never run; the codec must
+be on an allowlist. Decoding is driven by the packets actually read (no allocation from header claims),
+stops once the output holds `max_samples`, and counts packets against a cap.
+
+Decoding runs in a pool of worker processes: each has an address-space limit, a job that outlives its
+wall-clock deadline has its worker killed and replaced, and a worker that crashes fails only its own job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import logging
+import os
+import resource
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import av
+import numpy as np
+
+from ting import errors
+from ting.types import MIN_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, AudioClip
+
+log = logging.getLogger("ting.audio")
+
+MAX_PACKETS = 2_000_000  # a CPU bomb of tiny packets stops here (the wall-clock deadline also applies)
+MAX_CHANNELS = 8
+MIN_RATE_HZ, MAX_RATE_HZ = 1_000, 384_000
+MAX_BAD_PACKETS = 200  # corrupt packets skipped before giving up
+
+# Decoder name -> codec name, for the decoders the allowlist admits.
+_CODECS = {
+    "pcm_u8": "pcm_u8", "pcm_s8": "pcm_s8", "pcm_s16le": "pcm_s16le", "pcm_s16be": "pcm_s16be",
+    "pcm_s24le": "pcm_s24le", "pcm_s24be": "pcm_s24be", "pcm_s32le": "pcm_s32le", "pcm_s32be": "pcm_s32be",
+    "pcm_f32le": "pcm_f32le", "pcm_f32be": "pcm_f32be", "pcm_f64le": "pcm_f64le", "pcm_f64be": "pcm_f64be",
+    "pcm_alaw": "pcm_alaw", "pcm_mulaw": "pcm_mulaw", "adpcm_ima_wav": "adpcm_ima_wav",
+    "adpcm_ms": "adpcm_ms",
+    "gsm_ms": "gsm_ms", "gsm": "gsm", "libgsm_ms": "gsm_ms", "libgsm": "gsm",
+    "mp3": "mp3", "mp3float": "mp3",
+    "aac": "aac", "aac_fixed": "aac", "aac_latm": "aac",
+    "amrnb": "amr_nb", "amr_nb": "amr_nb", "libopencore_amrnb": "amr_nb",
+    "amrwb": "amr_wb", "amr_wb": "amr_wb", "libopencore_amrwb": "amr_wb",
+    "opus": "opus", "libopus": "opus", "vorbis": "vorbis", "libvorbis": "vorbis",
+    "flac": "flac", "alac": "alac",
+}
+# Demuxer (PyAV format name) per sniffed container.
+# Containers whose declared stream duration is exact (not estimated from the bit rate like ADTS or MP3).
+_EXACT_DURATION = {"wav", "mov", "flac", "ogg", "matroska"}
+_DEMUXERS = {"wav": "wav", "amr": "amr", "mp3": "mp3", "aac": "aac", "mov": "mov", "flac": "flac",
+             "ogg": "ogg", "matroska": "matroska"}
+
+
+def sniff(data: bytes) -> str:
+    """The container of `data`, from its first bytes; raises InvalidAudio for anything not audio."""
+    head = data[:64]
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head.startswith(b"#!AMR"):  # "#!AMR\n" (narrow band) and "#!AMR-WB\n" (wide band)
+        return "amr"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mov"  # MP4, M4A, 3GP, 3GPP, MOV
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"  # WebM and MKV
+    offset = 0
+    if head[:3] == b"ID3" and len(data) >= 10:  # an ID3v2 tag may precede MP3 or ADTS frames
+        size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F)
+        offset = 10 + size + (10 if data[5] & 0x10 else 0)
+        if offset + 2 > len(data):
+            raise errors.InvalidAudio()
+    b0, b1 = (data[offset], data[offset + 1]) if len(data) >= offset + 2 else (0, 0)
+    if b0 == 0xFF and (b1 & 0xF6) == 0xF0:  # ADTS: 12 sync bits, layer 00
+        return "aac"
+    if b0 == 0xFF and (b1 & 0xE0) == 0xE0 and (b1 >> 1) & 3 in (1, 2, 3):  # MPEG audio frame sync
+        return "mp3"
+    raise errors.InvalidAudio()
+
+
+@dataclass(frozen=True)
+class Decoded:
+    samples: np.ndarray  # float32 mono 16 kHz
+    duration_s: float | None
+    truncated: bool
+    container: str
+    codec: str
+
+
+def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS) -> Decoded:
+    """Decode in this process. The server calls this only inside a DecoderPool worker."""
+    if not data:
+        raise errors.AudioEmpty()
+    container_name = sniff(data)
+    try:
+        container = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container_name],
+                            options={"enable_drefs": "0", "use_absolute_path": "0"})
+    except (av.FFmpegError, ValueError, OSError):
+        raise errors.InvalidAudio() from None
+    try:
+        return _decode_container(container, container_name, max_samples, max_packets)
+    finally:
+        container.close()
+
+
+def _decode_container(container: Any, container_name: str, max_samples: int, max_packets: int) -> Decoded:
+    if not container.streams.audio:
+        raise errors.InvalidAudio("The audio format is illegal and cannot be opened: no audio track.")
+    stream = container.streams.audio[0]
+    decoder = stream.codec_context.name
+    codec = _CODECS.get(decoder)
+    if codec is None:
+        raise errors.UnsupportedCodec(f"The audio format is not supported: codec {decoder}.")
+    resampler: Any = None
+    resampler_layout = ""
+    pieces: list[np.ndarray] = []
+    total = 0
+    packets = bad = 0
+    truncated = False
+
+    def take(frames: list[Any]) -> None:
+        nonlocal total
+        for out in frames:
+            mono = downmix(out.to_ndarray(), out.layout)
+            pieces.append(mono)
+            total += len(mono)
+
+    try:
+        for packet in container.demux(stream):
+            packets += 1
+            if packets > max_packets:
+                raise errors.InvalidAudio("The audio format is illegal and cannot be opened: too many packets.")
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                bad += 1
+                if bad > MAX_BAD_PACKETS:
+                    break
+                continue
+            for frame in frames:
+                _check_frame(frame)
+                if resampler is None or frame.layout.name != resampler_layout:
+                    # first frame, or the stream changed layout mid-way: flush and start a new resampler
+                    if resampler is not None:
+                        take(resampler.resample(None))
+                    resampler_layout = frame.layout.name
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=SAMPLE_RATE)
+                try:
+                    take(resampler.resample(frame))
+                except ValueError:  # the sample rate changed mid-way
+                    take(resampler.resample(None))
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=SAMPLE_RATE)
+                    take(resampler.resample(frame))
+            if total >= max_samples:
+                truncated = True
+                break
+        if not truncated and resampler is not None:
+            take(resampler.resample(None))
+    except av.FFmpegError:
+        pass  # a damaged tail: keep what decoded
+    if total == 0:
+        raise errors.InvalidAudio()
+    samples = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    declared = _declared_duration(container, stream)
+    if len(samples) > max_samples:
+        samples = samples[:max_samples]
+        truncated = True
+    elif declared is not None and container_name in _EXACT_DURATION:
+        # Encoders pad the last frame (AAC by up to 1024 samples); the container knows the true length.
+        exact = round(declared * SAMPLE_RATE)
+        if exact < len(samples) <= exact + SAMPLE_RATE // 10:
+            samples = samples[:exact]
+    np.clip(samples, -1.0, 1.0, out=samples)
+    if len(samples) < MIN_SAMPLES:
+        raise errors.AudioTooShort()
+    return Decoded(
+        samples=np.ascontiguousarray(samples, dtype=np.float32),
+        duration_s=declared if truncated else len(samples) / SAMPLE_RATE,
+        truncated=truncated,
+        container=container_name,
+        codec=codec,
+    )
+
+
+# Downmix weights by channel name; the result is divided by the sum of the weights, so it is a weighted
+# mean of the channels and can never clip. Stereo becomes (L+R)/2; the LFE channel is dropped.
+_DOWNMIX_WEIGHTS = {"FC": 1.0, "FL": 0.707, "FR": 0.707, "LFE": 0.0}
+_SURROUND_WEIGHT = 0.5
+
+
+def downmix(planes: np.ndarray, layout: Any) -> np.ndarray:
+    """Mono from planar float samples shaped (channels, n)."""
+    if planes.shape[0] == 1:
+        return planes[0].astype(np.float32, copy=True)
+    names = [c.name for c in layout.channels]
+    if len(names) != planes.shape[0]:
+        names = [""] * planes.shape[0]  # unknown layout: a plain mean
+    if set(names) <= {"FL", "FR", "LFE"}:  # stereo (2.1): L and R alike
+        weights = np.array([0.0 if n == "LFE" else 1.0 for n in names], dtype=np.float32)
+    else:
+        weights = np.array([_DOWNMIX_WEIGHTS.get(n, _SURROUND_WEIGHT) for n in names], dtype=np.float32)
+    weights /= weights.sum()
+    return (weights @ planes).astype(np.float32)
+
+
+def _check_frame(frame: Any) -> None:
+    channels = frame.layout.nb_channels
+    if not 0 < channels <= MAX_CHANNELS:
+        raise errors.UnsupportedCodec(f"The audio format is not supported: {channels} channels "
+                                      f"(at most {MAX_CHANNELS}).")
+    if not MIN_RATE_HZ <= frame.sample_rate <= MAX_RATE_HZ:
+        raise errors.UnsupportedCodec(f"The audio format is not supported: sample rate {frame.sample_rate} Hz.")
+
+
+def _declared_duration(container: Any, stream: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / 1_000_000
+    return None
+
+
+# --- the worker pool ---------------------------------------------------------------------------------------
+
+_ERRORS: dict[str, type[errors.AudioError]] = {
+    cls.__name__: cls
+    for cls in (errors.AudioError, errors.AudioEmpty, errors.AudioTooShort, errors.InvalidAudio,
+                errors.UnsupportedCodec, errors.DecodeTimeout)
+}
+
+
+def worker_main(jobs: Connection, results: Connection, memory_bytes: int) -> None:
+    """The decoder worker's loop: one job at a time, until the pool closes the pipe."""
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    av.logging.set_level(None)
+    while True:
+        try:
+            job = jobs.recv()
+            data = jobs.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            decoded = decode_bytes(data, max_samples=job["max_samples"])
+        except errors.AudioError as exc:
+            results.send(("error", type(exc).__name__, exc.message))
+        except MemoryError:
+            results.send(("error", "InvalidAudio", "The audio could not be decoded within the memory limit."))
+        except Exception:  # a decoder bug must not take the worker down silently
+            results.send(("error", "InvalidAudio", errors.InvalidAudio.default_message))
+        else:
+            meta = (decoded.duration_s, decoded.truncated, decoded.container, decoded.codec)
+            results.send(("ok", meta))
+            results.send_bytes(decoded.samples.tobytes())
+
+
+def child_main(job_fd: int, result_fd: int, memory_bytes: int, target: str) -> None:
+    """Entry point of a worker process: `target` is "module:function", worker_main unless a test swaps it."""
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    function(Connection(job_fd, writable=False), Connection(result_fd, readable=False), memory_bytes)
+
+
+class _Worker:
+    """One decoder process: a clean interpreter (no fork of the server) talking over two pipes."""
+
+    def __init__(self, target: str, memory_bytes: int) -> None:
+        job_r, job_w = os.pipe()
+        result_r, result_w = os.pipe()
+        code = f"import ting.audio.decode as d; d.child_main({job_r}, {result_w}, {memory_bytes}, {target!r})"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, close_fds=True,
+        )
+        os.close(job_r)
+        os.close(result_w)
+        self.jobs = Connection(job_w, readable=False)
+        self.results = Connection(result_r, writable=False)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait(5)
+        self.jobs.close()
+        self.results.close()
+
+
+class DecoderPool:
+    """A fixed set of decoder worker processes; `decode` runs one job on an idle one."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        timeout_s: float = 10.0,
+        memory_mib: int = 2048,
+        target: str = "ting.audio.decode:worker_main",  # tests inject a worker that crashes or hangs
+    ) -> None:
+        self.size = max(1, workers)
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_mib * 1024 * 1024
+        self.target = target
+        self.restarts = 0  # workers replaced after a crash or a timeout
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._all: set[_Worker] = set()
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        self._idle = asyncio.Queue()
+        workers = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
+        for w in workers:
+            self._idle.put_nowait(w)
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self.target, self.memory_bytes)
+        with self._lock:
+            self._all.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        with self._lock:
+            self._all.discard(worker)
+        self.restarts += 1
+        return self._spawn()
+
+    async def close(self) -> None:
+        with self._lock:
+            workers = list(self._all)
+            self._all.clear()
+        for w in workers:
+            await asyncio.to_thread(w.kill)
+
+    @property
+    def alive(self) -> int:
+        with self._lock:
+            return sum(w.alive() for w in self._all)
+
+    async def decode(self, data: bytes, *, max_seconds: float = 30.0) -> AudioClip:
+        """Decode one audio file in a worker; raises an AudioError for anything wrong with it."""
+        if self._idle is None:
+            raise RuntimeError("DecoderPool.start() was not called")
+        if not data:
+            raise errors.AudioEmpty()
+        started = time.monotonic()
+        worker = await self._idle.get()
+        job = asyncio.ensure_future(asyncio.to_thread(self._run, worker, data, int(max_seconds * SAMPLE_RATE)))
+        job.add_done_callback(self._give_back)
+        # The job owns its worker until the worker answers, even if this request is cancelled meanwhile.
+        _, outcome = await asyncio.shield(job)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        log.debug("decoded %d bytes in %.3f s", len(data), time.monotonic() - started)
+        return outcome
+
+    def _give_back(self, job: asyncio.Future[tuple[_Worker, Any]]) -> None:
+        if self._idle is None or job.cancelled() or job.exception() is not None:
+            return  # the loop is shutting down (or spawning a replacement failed): nothing to give back
+        self._idle.put_nowait(job.result()[0])
+
+    def _run(self, worker: _Worker, data: bytes, max_samples: int) -> tuple[_Worker, AudioClip | BaseException]:
+        try:
+            worker.jobs.send({"max_samples": max_samples})
+            worker.jobs.send_bytes(data)
+            if not worker.results.poll(self.timeout_s):
+                log.warning("audio decoder timed out after %.1f s; replacing the worker", self.timeout_s)
+                return self._retire(worker), errors.DecodeTimeout()
+            reply = worker.results.recv()
+            if reply[0] == "error":
+                return worker, _ERRORS.get(reply[1], errors.InvalidAudio)(reply[2])
+            samples = np.frombuffer(worker.results.recv_bytes(), dtype=np.float32)
+        except (EOFError, OSError, struct.error, ValueError, TypeError, IndexError):
+            log.warning("audio decoder worker died (exit code %s); replacing it", worker.process.poll())
+            return self._retire(worker), errors.InvalidAudio("The audio could not be decoded: the decoder failed "
+                                                            "on this file.")
+        duration_s, truncated, container, codec = reply[1]
+        return worker, AudioClip(samples=samples, duration_s=duration_s, truncated=truncated,
+                                 container=container, codec=codec)

@@ -1,0 +1,268 @@
+"""Where audio bytes come from: http(s) downloads, data: URIs and oss:// keys of uploaded files.
+
+This is the only module of Ting that makes outbound HTTP requests. Downloads are streamed and stop as soon
+as the body passes the size limit; connect, idle-read and total timeouts apply; redirects are followed by
+hand, at most 5 hops, each checked again by the guard; the connection goes to the address the guard
+checked (Host header and TLS SNI keep the name). No proxy from the environment, no cookies, no credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import errno
+import ipaddress
+import logging
+import re
+import socket
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import httpx
+
+from ting.audio.guard import IPAddress, MediaGuard, Target
+from ting.errors import (
+    AudioEmpty,
+    AudioTooLarge,
+    ConnectionRefused,
+    DataUriTooLarge,
+    DownloadFailed,
+    DownloadTimeout,
+    InvalidDataUri,
+    MediaUrlError,
+    OssNotResolved,
+    UnsupportedScheme,
+)
+
+log = logging.getLogger("ting.audio")
+
+MAX_REDIRECTS = 5
+READ_CHUNK_BYTES = 64 * 1024
+_REDIRECTS = (301, 302, 303, 307, 308)
+_BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
+async def system_resolver(host: str, port: int) -> list[IPAddress]:
+    """Resolve `host` with the system resolver (one lookup; the fetcher never repeats it)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise DownloadFailed() from None
+    seen: list[IPAddress] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        if ip not in seen:
+            seen.append(ip)
+    return seen
+
+
+def _display(url: httpx.URL) -> str:
+    """The URL for error messages and logs: no query string (it may hold a signature)."""
+    return str(url.copy_with(query=None, fragment=None))
+
+
+class HttpFetcher:
+    def __init__(
+        self,
+        guard: MediaGuard,
+        *,
+        max_bytes: int,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 10.0,
+        total_timeout_s: float = 20.0,
+        concurrency: int = 32,
+        resolver: Resolver = system_resolver,
+        verify: bool | str = True,
+    ) -> None:
+        self.guard = guard
+        self.max_bytes = max_bytes
+        self.total_timeout_s = total_timeout_s
+        self.resolver = resolver
+        self._slots = asyncio.Semaphore(concurrency)
+        self._client = httpx.AsyncClient(
+            trust_env=False,
+            follow_redirects=False,
+            verify=verify,
+            timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
+                                  pool=total_timeout_s),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=0),
+            headers={"User-Agent": "ting-media-fetcher/0.1", "Accept": "*/*", "Accept-Encoding": "identity"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> bytes:
+        """Download `url` (following redirects) or raise a MediaUrlError / AudioTooLarge."""
+        async with self._slots:
+            current = url
+            try:
+                async with asyncio.timeout(self.total_timeout_s):
+                    for _hop in range(MAX_REDIRECTS + 1):
+                        target = self.guard.check_url(current)
+                        address = await self._checked_address(target)
+                        result = await self._get(target, address)
+                        if isinstance(result, bytes):
+                            return result
+                        current = result
+                    raise DownloadFailed("Failed to download multimodal content: too many redirects.")
+            except TimeoutError:
+                shown = _display(httpx.URL(current)) if current.startswith("http") else "audio"
+                raise DownloadTimeout(f"Download {shown} timeout, please check network connection.") from None
+
+    async def _checked_address(self, target: Target) -> IPAddress:
+        resolved = [target.ip] if target.ip is not None else await self.resolver(target.host, target.port)
+        return self.guard.pick_address(target, resolved)
+
+    async def _get(self, target: Target, address: IPAddress) -> bytes | str:
+        """One hop: the body, or the next URL when the answer is a redirect."""
+        shown = _display(target.url)
+        pinned = target.url.copy_with(host=str(address))
+        host_header = target.host if target.url.port is None else f"{target.host}:{target.port}"
+        if ":" in target.host and target.ip is not None:  # IPv6 literal
+            host_header = f"[{target.host}]" + (f":{target.port}" if target.url.port else "")
+        extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
+        request = self._client.build_request("GET", pinned, headers={"Host": host_header},
+                                             extensions=extensions)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise DownloadTimeout(f"Download {shown} timeout, please check network connection.") from None
+        except httpx.ConnectError as exc:
+            if _refused(exc):
+                raise ConnectionRefused(f"Connection to {shown} refused, please provide available URL.") from None
+            log.info("audio download failed: %s (%s)", shown, type(exc).__name__)
+            raise DownloadFailed() from None
+        except httpx.HTTPError as exc:
+            log.info("audio download failed: %s (%s)", shown, type(exc).__name__)
+            raise DownloadFailed() from None
+        try:
+            if response.status_code in _REDIRECTS and "location" in response.headers:
+                return str(target.url.join(response.headers["location"]))
+            if response.status_code != 200:
+                log.info("audio download failed: %s answered %d", shown, response.status_code)
+                raise DownloadFailed()
+            return await self._read_body(response, shown)
+        finally:
+            await response.aclose()
+
+    async def _read_body(self, response: httpx.Response, shown: str) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise AudioTooLarge()
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        inflate: zlib._Decompress | None = None
+        if encoding in ("gzip", "x-gzip"):
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            inflate = zlib.decompressobj()
+        elif encoding not in ("identity", ""):
+            log.info("audio download refused: %s sent content-encoding %s", shown, encoding)
+            raise DownloadFailed()
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_raw(READ_CHUNK_BYTES):
+                if inflate is None:
+                    body += chunk
+                else:  # count inflated bytes, and never inflate more than the limit allows
+                    data = chunk
+                    while data:
+                        body += inflate.decompress(data, self.max_bytes + 1 - len(body))
+                        data = inflate.unconsumed_tail
+                        if len(body) > self.max_bytes:
+                            break
+                if len(body) > self.max_bytes:
+                    raise AudioTooLarge()
+        except httpx.TimeoutException:
+            raise DownloadTimeout(f"Download {shown} timeout, please check network connection.") from None
+        except (httpx.HTTPError, zlib.error):
+            raise DownloadFailed() from None
+        return bytes(body)
+
+
+def _refused(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+            return True
+        if "refused" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
+    """The bytes of a `data:[<mime>][;param]...;base64,<payload>` URI.
+
+    The encoded payload may be at most `max_bytes` characters (checked before decoding). ASCII whitespace
+    in the payload is ignored and missing `=` padding is restored; anything else outside the standard
+    base64 alphabet is an error.
+    """
+    if not uri[:5].lower() == "data:":
+        raise InvalidDataUri()
+    header, comma, payload = uri[5:].partition(",")
+    if not comma:
+        raise InvalidDataUri()
+    if len(payload) > max_bytes:
+        raise DataUriTooLarge(f"Exceeded limit on max bytes per data-uri item : {max_bytes}")
+    params = [p.strip().lower() for p in header.split(";")]
+    if len(params) < 2 or params[-1] != "base64":
+        raise InvalidDataUri("The data URI is invalid: only base64 data URIs are accepted "
+                             "(data:[<mime>];base64,<payload>).")
+    raw = "".join(payload.split()).encode("ascii", "replace")
+    if len(raw) % 4 == 1 or not _BASE64_CHARS.match(raw):
+        raise InvalidDataUri("The data URI is invalid: its payload is not valid base64.")
+    raw += b"=" * (-len(raw) % 4)
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidDataUri("The data URI is invalid: its payload is not valid base64.") from None
+    if not data:
+        raise AudioEmpty()
+    return data
+
+
+class ObjectStore(Protocol):
+    """Where oss:// keys live: the file store behind Ting's DashScope upload flow."""
+
+    async def read_object(self, key: str, *, owner: str | None) -> bytes:
+        """The bytes stored under `key`, if `owner` uploaded them; raise DownloadFailed otherwise."""
+        ...
+
+
+class AudioSources:
+    """Turns an audio reference (http(s) URL, data: URI, oss:// key) into bytes."""
+
+    def __init__(self, fetcher: HttpFetcher, store: ObjectStore | None, *, max_bytes: int) -> None:
+        self.fetcher = fetcher
+        self.store = store
+        self.max_bytes = max_bytes
+
+    async def read(self, source: str, *, owner: str | None = None, oss_resolve: bool = True) -> bytes:
+        scheme = source.split(":", 1)[0].lower() if ":" in source else ""
+        if scheme in ("http", "https"):
+            data = await self.fetcher.fetch(source)
+        elif scheme == "data":
+            data = parse_data_uri(source, max_bytes=self.max_bytes)
+        elif scheme == "oss":
+            if not oss_resolve:
+                raise OssNotResolved()
+            if self.store is None:
+                raise UnsupportedScheme()
+            key = source[len("oss://"):]
+            if not key:
+                raise MediaUrlError()
+            data = await self.store.read_object(key, owner=owner)
+        elif not source.strip():
+            raise AudioEmpty()
+        else:
+            raise UnsupportedScheme()
+        if not data:
+            raise AudioEmpty()
+        if len(data) > self.max_bytes:
+            raise AudioTooLarge()
+        return data

@@ -1,0 +1,34 @@
+"""The one audio-token rule.
+
+Qwen2-Audio's feature extractor makes one mel frame per 10 ms (hop 160 samples at 16 kHz, rounded up), pads
+or cuts to 3000 frames (30 s), and the encoder halves the length twice (a stride-2 convolution, then
+average pooling). That is 25 tokens per second and 750 per 30 s window. The hosted API bills at least 25
+per clip.
+"""
+
+from __future__ import annotations
+
+from ting.types import SAMPLE_RATE, WINDOW_SAMPLES
+
+HOP_SAMPLES = 160  # samples per mel frame (10 ms at 16 kHz)
+MAX_FRAMES = WINDOW_SAMPLES // HOP_SAMPLES  # 3000 mel frames in the 30 s window
+MIN_BILLED_TOKENS = 25  # the hosted API bills at least one second of audio per clip
+TOKENS_PER_SECOND = 25
+
+
+def audio_tokens(num_samples: int) -> int:
+    """Audio tokens Qwen2-Audio's processor yields for a clip of `num_samples` at 16 kHz."""
+    if num_samples <= 0:
+        return 0
+    frames = min(-(-num_samples // HOP_SAMPLES), MAX_FRAMES)  # ceil, then the 30 s window
+    after_conv = (frames - 1) // 2 + 1
+    return max((after_conv - 2) // 2 + 1, 0)
+
+
+def billed_audio_tokens(num_samples: int) -> int:
+    """Audio tokens billed for a clip: what the model sees, but at least 25."""
+    return max(audio_tokens(num_samples), MIN_BILLED_TOKENS)
+
+
+def seconds(num_samples: int) -> float:
+    return num_samples / SAMPLE_RATE

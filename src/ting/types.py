@@ -1,0 +1,110 @@
+"""The domain vocabulary every layer shares.
+
+These are plain frozen dataclasses: the wire protocols convert their JSON into them, the service and the
+engine pass them along, and nothing else travels between layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz: what Qwen2-Audio's feature extractor expects
+WINDOW_S = 30.0  # seconds: the model hears at most this much of each clip
+WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)  # 480_000 samples
+MIN_SAMPLES = 400  # below this Qwen2-Audio yields zero audio tokens (25 ms at 16 kHz)
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, eq=False)
+class AudioClip:
+    """Decoded audio, ready for the model."""
+
+    samples: np.ndarray  # float32, mono, 16 kHz, values in [-1, 1]
+    duration_s: float | None  # duration of the original recording when the container knows it
+    truncated: bool  # True when decoding stopped at the length limit
+    container: str  # the sniffed container ("wav", "mp3", "amr", "mov", ...)
+    codec: str  # the codec of the decoded stream ("pcm_s16le", "amr_nb", ...)
+
+    @property
+    def seconds(self) -> float:
+        """Length of the decoded samples, in seconds."""
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioPart:
+    source: str  # an http(s) URL, a data: URI or an oss:// key, exactly as the user sent it
+    clip: AudioClip | None = None  # filled in once fetched and decoded
+
+
+Part = TextPart | AudioPart
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...]
+
+    @property
+    def audio_parts(self) -> tuple[AudioPart, ...]:
+        return tuple(p for p in self.parts if isinstance(p, AudioPart))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. None means "the checkpoint's generation_config default"."""
+
+    max_tokens: int | None = None  # most output tokens; None: the model's maximum
+    temperature: float | None = None  # 0 means greedy
+    top_p: float | None = None  # nucleus mass in (0, 1]
+    top_k: int | None = None  # 0 or None disables the top-k filter
+    seed: int | None = None  # same seed, same answer
+    repetition_penalty: float | None = None  # multiplicative, 1.0 = none (as in transformers)
+    presence_penalty: float = 0.0  # additive, OpenAI style, on tokens already generated
+    frequency_penalty: float = 0.0  # additive per occurrence, OpenAI style
+    stop: tuple[str, ...] = ()  # generation ends before any of these strings
+    stop_token_ids: tuple[int, ...] = ()  # generation ends at any of these tokens
+    ignore_eos: bool = False  # benchmarks only: keep going past end-of-sequence
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One request, as both wire protocols describe it."""
+
+    model: str  # the name the client asked for
+    messages: tuple[Message, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def audio_parts(self) -> tuple[AudioPart, ...]:
+        return tuple(p for m in self.messages for p in m.audio_parts)
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0  # prompt tokens that are not audio (text and chat template)
+    audio_tokens: int = 0  # audio tokens billed (25 per second, at least 25 per clip)
+    output_tokens: int = 0  # generated tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.audio_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """What the engine yields per decoding step for one request."""
+
+    text: str  # text added since the previous chunk (never a partial UTF-8 character)
+    finish_reason: FinishReason | None  # None until the last chunk
+    usage: Usage  # running totals

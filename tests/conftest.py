@@ -1,0 +1,36 @@
+"""Shared fixtures: the audio corpus, a decoder pool, the tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests import corpus as corpus_module
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, corpus_module.Sample]:
+    if not corpus_module.have("espeak-ng", "ffmpeg"):
+        pytest.skip("espeak-ng and ffmpeg are needed to build the audio corpus (apt-get install espeak-ng ffmpeg)")
+    return corpus_module.build(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+async def decoder_pool() -> AsyncIterator[object]:
+    from ting.audio.decode import DecoderPool
+
+    pool = DecoderPool(2, timeout_s=10.0)
+    await pool.start()
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def test_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let child processes import the `tests` package (for injected decoder workers)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
