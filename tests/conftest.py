@@ -34,3 +34,22 @@ async def decoder_pool() -> AsyncIterator[object]:
 def test_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let child processes import the `tests` package (for injected decoder workers)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline random-weight checkpoint, built once per test session."""
+    from ting.engine import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny") / "qwen2-audio-tiny")
+
+
+@pytest.fixture(scope="session")
+async def engine(tiny_dir: Path) -> AsyncIterator[object]:
+    """A running engine on the tiny checkpoint (8 slots)."""
+    from ting.engine import Engine
+
+    e = Engine.load(str(tiny_dir), max_batch_size=8, max_queue=64)
+    e.start()
+    yield e
+    e.stop()

@@ -30,6 +30,7 @@ Errors are raised, never returned. Each class knows its HTTP status and its Dash
   + Overloaded                 503 ServiceUnavailable (the engine's admission queue is full)
   + NotReady                   503 ModelUnavailable (model still loading, or shutting down)
   + EngineError                500 InternalError (the model failed; never the caller's fault)
+  + ModelLoadError             start-up: the checkpoint could not be found or loaded
 """
 
 from __future__ import annotations
@@ -265,3 +266,10 @@ class NotReady(TingError):
 class EngineError(TingError):
     status = 500
     code = "InternalError"
+
+
+class ModelLoadError(TingError):
+    """The checkpoint could not be found or loaded (a start-up error; never sent to a client)."""
+
+    status = 503
+    code = "ModelUnavailable"

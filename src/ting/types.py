@@ -14,7 +14,7 @@ import numpy as np
 SAMPLE_RATE = 16_000  # Hz: what Qwen2-Audio's feature extractor expects
 WINDOW_S = 30.0  # seconds: the model hears at most this much of each clip
 WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)  # 480_000 samples
-MIN_SAMPLES = 400  # below this Qwen2-Audio yields zero audio tokens (25 ms at 16 kHz)
+MIN_SAMPLES = 400  # shortest clip accepted: 25 ms at 16 kHz (the model yields 0 tokens at 320 samples or fewer)
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
@@ -106,5 +106,6 @@ class GenerationChunk:
     """What the engine yields per decoding step for one request."""
 
     text: str  # text added since the previous chunk (never a partial UTF-8 character)
+    token_ids: tuple[int, ...]  # tokens generated since the previous chunk
     finish_reason: FinishReason | None  # None until the last chunk
     usage: Usage  # running totals

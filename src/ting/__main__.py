@@ -1,0 +1,3 @@
+from ting.cli import main
+
+raise SystemExit(main())

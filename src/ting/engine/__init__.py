@@ -1,0 +1,124 @@
+"""The model: a Prompt and sampling parameters in, a stream of GenerationChunk out.
+
+`Engine` owns a Backend (the model, on the engine's own thread) and a Scheduler (continuous batching).
+Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ting.engine.backend import Backend, Prompt, Sampling
+from ting.engine.scheduler import Scheduler, Stats
+from ting.errors import InputTooLong, InvalidParameter
+from ting.types import GenerationChunk, Message, SamplingParams
+
+__all__ = ["Engine", "Prompt", "Sampling", "Stats"]
+
+TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
+
+
+class Engine:
+    def __init__(self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 256,
+                 prefill_token_budget: int = 8192) -> None:
+        self.backend = backend
+        self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
+                                   prefill_token_budget=prefill_token_budget)
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        random_weights: bool = False,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_model_len: int = 8192,
+        home: Path | None = None,
+    ) -> Engine:
+        """Load a checkpoint directory or hub id ('tiny': build the offline test checkpoint under `home`)."""
+        if model == TINY:
+            from ting.engine import tiny
+
+            target = (home or Path.cwd()) / "models" / "tiny"
+            if not (target / "config.json").exists():
+                tiny.build(target)
+            model = str(target)
+        from ting.engine import qwen2_audio
+
+        backend = qwen2_audio.load(model, device=device, dtype=dtype, random_weights=random_weights,
+                                   max_batch_size=max_batch_size, max_model_len=max_model_len)
+        return cls(backend, max_batch_size=max_batch_size, max_queue=max_queue)
+
+    def describe(self) -> dict[str, Any]:
+        describe = getattr(self.backend, "describe", None)
+        return describe() if describe else {}
+
+    @property
+    def stats(self) -> Stats:
+        return self.scheduler.stats
+
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    async def prepare(self, messages: Sequence[Message]) -> Prompt:
+        """Render the chat template, tokenize, extract audio features (off the event loop)."""
+        return await asyncio.to_thread(self.backend.prepare, messages)
+
+    def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling:
+        """Fill unset parameters from the checkpoint's generation config and check them."""
+        d = self.backend.defaults
+        limit = self.backend.max_model_len
+        room = limit - len(prompt.token_ids)
+        if room <= 0:
+            raise InputTooLong(f"Range of input length should be [1, {limit - 1}]")
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens < 1:
+            raise InvalidParameter("max_tokens must be at least 1.")
+        sampling = Sampling(
+            max_tokens=min(max_tokens, room),
+            temperature=d.temperature if params.temperature is None else params.temperature,
+            top_p=d.top_p if params.top_p is None else params.top_p,
+            top_k=d.top_k if params.top_k is None else params.top_k,
+            repetition_penalty=d.repetition_penalty if params.repetition_penalty is None else params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            seed=secrets.randbelow(2**31) if params.seed is None else params.seed,
+            stop=tuple(params.stop),
+            stop_token_ids=frozenset(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+        )
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
+                or sampling.repetition_penalty <= 0:
+            raise InvalidParameter()
+        return sampling
+
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer. Closing the iterator early (a client gone) aborts the request at once."""
+        seq = self.scheduler.submit(request_id, prompt, sampling)
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                self.scheduler.abort(seq)

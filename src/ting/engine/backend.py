@@ -1,0 +1,79 @@
+"""The seam between the scheduler and the model.
+
+The scheduler (pure Python, no torch) decides who runs; a Backend owns the weights, the KV cache and the
+sampling, and does one batched step at a time. `Qwen2AudioBackend` (qwen2_audio.py) is the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ting.types import Message
+
+
+@dataclass(frozen=True, eq=False)
+class Prompt:
+    """A tokenized prompt with its audio features, ready for prefill."""
+
+    token_ids: tuple[int, ...]  # the whole prompt, each clip's <|AUDIO|> expanded to its token count
+    audio_tokens: tuple[int, ...]  # audio tokens the model sees, per clip
+    inputs: Any  # backend-specific tensors (mel features and masks)
+
+    @property
+    def text_tokens(self) -> int:
+        """Prompt tokens that are not audio: the text and the chat template."""
+        return len(self.token_ids) - sum(self.audio_tokens)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """SamplingParams with every default resolved against the checkpoint's generation config."""
+
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float  # 1.0: off
+    top_k: int  # 0: off
+    repetition_penalty: float  # 1.0: off
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The checkpoint's generation defaults (generation_config.json)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+
+class Backend(Protocol):
+    eos_token_ids: frozenset[int]
+    defaults: Defaults
+    max_model_len: int  # most tokens (prompt + output) a sequence may hold
+
+    def prepare(self, messages: Sequence[Message]) -> Prompt:
+        """Render, tokenize and extract features. Thread-safe; runs off the engine thread."""
+        ...
+
+    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Mapping[int, int]:
+        """Start sequences (id, prompt, sampling): fill their KV cache and sample each one's first token."""
+        ...
+
+    def step(self) -> Mapping[int, int]:
+        """One decoding step for every live sequence: sequence id -> its next token."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forget a sequence and free its slot."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        ...

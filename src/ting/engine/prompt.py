@@ -1,0 +1,45 @@
+"""Domain messages -> the input of the checkpoint's own chat template.
+
+The template (ChatML with `Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>` lines) does the rendering; this
+module only shapes the messages the way it expects: list content for user turns, with an audio item per
+clip in the order the user gave them (the template numbers them across the whole conversation), plain
+string content for system and assistant turns. With no system message the template adds its default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ting.errors import InvalidParameter
+from ting.types import AudioClip, AudioPart, Message, TextPart
+
+
+def template_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[AudioClip]]:
+    """The template's messages, and the decoded clips in the order their placeholders appear."""
+    if not messages:
+        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    if not any(m.role == "user" for m in messages):
+        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    shaped: list[dict[str, Any]] = []
+    clips: list[AudioClip] = []
+    for i, message in enumerate(messages):
+        if message.role == "system" and i != 0:
+            raise InvalidParameter("The system message must come first.")
+        if message.role == "user":
+            content: list[dict[str, str]] = []
+            for part in message.parts:
+                if isinstance(part, AudioPart):
+                    if part.clip is None:
+                        raise ValueError("audio must be decoded before the prompt is built")
+                    content.append({"type": "audio", "audio": ""})  # the template counts it; the URL is not rendered
+                    clips.append(part.clip)
+                elif isinstance(part, TextPart):
+                    content.append({"type": "text", "text": part.text})
+            shaped.append({"role": "user", "content": content})
+        else:
+            if any(isinstance(p, AudioPart) for p in message.parts):
+                raise InvalidParameter(f"Audio is only accepted in user messages, not in {message.role} messages.")
+            text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+            shaped.append({"role": message.role, "content": text})
+    return shaped, clips

@@ -1,0 +1,419 @@
+"""Qwen2-Audio through transformers: the only module that runs torch.
+
+The model is transformers' own Qwen2AudioForConditionalGeneration; this backend drives its parts the way
+`generate()` does, plus what `generate()` lacks for serving:
+
+* a slot KV cache: every running sequence owns a row of one preallocated tensor per layer, rows kept
+  contiguous (a finished sequence's row is filled by the last one), so a decoding step for the whole batch
+  is one forward pass over views of the cache, with each row's own positions and a mask for ragged lengths;
+* prefill one prompt at a time (bit-for-bit the pass `generate()` makes), with the audio encoder batched
+  across every clip of every prompt admitted together;
+* logits only for the positions that are sampled (the reference computes lm_head over the whole prompt);
+* sampling vectorised across the batch, with a private random generator per request (same seed, same
+  answer, whatever else is batched alongside).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2AudioForConditionalGeneration
+from transformers.masking_utils import create_bidirectional_mask
+
+from ting.engine.backend import Defaults, Prompt, Sampling
+from ting.engine.prompt import template_messages
+from ting.errors import InvalidParameter, ModelLoadError
+from ting.types import SAMPLE_RATE, Message
+
+log = logging.getLogger("ting.engine")
+
+ENCODER_BATCH = 8  # clips per audio-encoder call (a 30 s window each)
+CACHE_GROWTH = 256  # KV-cache length grows in steps of this many tokens
+AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local checkpoint directory for `model`: a path, or a hub id from the local cache or downloaded."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"No checkpoint directory at {model!r}. Pass a directory holding config.json, or a "
+                             f"hub id such as Qwen/Qwen2-Audio-7B-Instruct.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
+    except Exception:
+        pass  # not cached (or only partly): download it
+    how = (f"Download it where the hub is reachable (`hf download {model}`) and copy the Hugging Face cache "
+           f"(~/.cache/huggingface) here, or pass --model /path/to/checkpoint. For an offline test model, "
+           f"use --model tiny.")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"Model {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {how}")
+    log.info("downloading %s from the Hugging Face hub", model)
+    try:
+        return Path(snapshot_download(model, allow_patterns=CHECKPOINT_FILES))
+    except Exception as exc:
+        raise ModelLoadError(f"Model {model} is not in the local Hugging Face cache and could not be downloaded "
+                             f"({type(exc).__name__}). {how}") from None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device.")
+    return chosen
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.")
+    return table[dtype]
+
+
+def load(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    random_weights: bool = False,
+    max_batch_size: int = 16,
+    max_model_len: int = 8192,
+) -> Qwen2AudioBackend:
+    """Load a checkpoint (directory or hub id). `random_weights` makes weights at load time (benchmarks)."""
+    path = resolve_checkpoint(model)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        if random_weights or not has_weights:
+            if not random_weights:
+                raise ModelLoadError(f"{path} holds no weights (*.safetensors). Serve it with --load-format dummy "
+                                     f"for random weights, or point --model at a full checkpoint.")
+            config = AutoConfig.from_pretrained(path)
+            torch.manual_seed(0)
+            with dev:
+                net = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dt)
+        else:
+            net = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dt)
+            net = net.to(dev)
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation = GenerationConfig()
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load a Qwen2-Audio checkpoint from {path}: {exc}") from exc
+    net.eval()
+    return Qwen2AudioBackend(net, processor, generation, device=dev, dtype=dt, max_batch_size=max_batch_size,
+                             max_model_len=max_model_len, path=path)
+
+
+# --- the KV cache ------------------------------------------------------------------------------------------
+
+
+class SlotCache:
+    """Keys and values of every running sequence: one row each, per layer.
+
+    transformers' attention modules call `update(key, value, layer)` and attend over what it returns. In a
+    prefill the new keys go into one row from position 0; in a decoding step each row gets one new key at its
+    own position, and the step attends over the first `kv_len` positions of the first `rows` rows.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device, max_len: int) -> None:
+        self.shape = (slots, kv_heads, 0, head_dim)
+        self.dtype, self.device, self.max_len = dtype, device, max_len
+        self.keys = [self._empty(0) for _ in range(layers)]
+        self.values = [self._empty(0) for _ in range(layers)]
+        self._mode: tuple[Any, ...] = ("idle",)
+
+    def _empty(self, length: int) -> torch.Tensor:
+        slots, heads, _, dim = self.shape
+        return torch.zeros(slots, heads, length, dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        new = min(self.max_len, max(length, 2 * self.capacity, CACHE_GROWTH))
+        new = min(self.max_len, -(-new // CACHE_GROWTH) * CACHE_GROWTH) if new < self.max_len else new
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = self._empty(new)
+                grown[:, :, : old.shape[2]] = old
+                store[i] = grown
+
+    def begin_prefill(self, row: int) -> None:
+        self._mode = ("prefill", row)
+
+    def begin_step(self, rows: int, positions: torch.Tensor, kv_len: int) -> None:
+        self._mode = ("step", rows, positions, kv_len, torch.arange(rows, device=self.device))
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode[0] == "prefill":
+            row, length = self._mode[1], key.shape[2]
+            k[row, :, :length] = key[0]
+            v[row, :, :length] = value[0]
+            return k[row : row + 1, :, :length], v[row : row + 1, :, :length]
+        _, rows, positions, kv_len, index = self._mode
+        k[index, :, positions] = key[:, :, 0]
+        v[index, :, positions] = value[:, :, 0]
+        return k[:rows, :, :kv_len], v[:rows, :, :kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for store in (self.keys, self.values):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+
+# --- the backend ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    seq_id: int
+    sampling: Sampling
+    generator: torch.Generator
+
+
+class Qwen2AudioBackend:
+    def __init__(
+        self,
+        model: Qwen2AudioForConditionalGeneration,
+        processor: Any,
+        generation: GenerationConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch_size: int,
+        max_model_len: int,
+        path: Path | None = None,
+    ) -> None:
+        self.model, self.processor = model, processor
+        self.device, self.dtype, self.path = device, dtype, path
+        self.tokenizer = processor.tokenizer
+        text = model.config.text_config
+        self.max_model_len = min(max_model_len, text.max_position_embeddings)
+        self.audio_token_id = model.config.audio_token_id
+        self.vocab_size = text.vocab_size
+        eos = generation.eos_token_id if generation.eos_token_id is not None else text.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        self.defaults = Defaults(
+            temperature=float(generation.temperature or 1.0) if generation.do_sample else 0.0,
+            top_p=float(generation.top_p if generation.top_p is not None else 1.0),
+            top_k=int(generation.top_k or 0),
+            repetition_penalty=float(generation.repetition_penalty or 1.0),
+        )
+        self.lm = model.model.language_model
+        self.embed = self.lm.get_input_embeddings()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.cache = SlotCache(text.num_hidden_layers, max_batch_size, text.num_key_value_heads, head_dim,
+                               dtype=dtype, device=device, max_len=self.max_model_len)
+        self.slots = max_batch_size
+        self._rows: list[_Row] = []  # row i of every per-row tensor belongs to self._rows[i]
+        self._row_of: dict[int, int] = {}
+        self._lengths = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # tokens in the cache
+        self._last = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # token to feed next
+        self._seen = torch.zeros(max_batch_size, self.vocab_size, dtype=torch.bool, device=device)
+        self._counts = torch.zeros(max_batch_size, self.vocab_size, dtype=torch.int32, device=device)
+
+    # --- Backend protocol ---
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def prepare(self, messages: Sequence[Message]) -> Prompt:
+        shaped, clips = template_messages(messages)
+        for message in shaped:
+            texts = [message["content"]] if isinstance(message["content"], str) else \
+                [c.get("text", "") for c in message["content"]]
+            if any(marker in t for t in texts for marker in AUDIO_MARKERS):
+                raise InvalidParameter("The text may not contain the model's audio placeholder tokens "
+                                       f"({', '.join(AUDIO_MARKERS)}).")
+        text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
+        if clips:
+            out = self.processor(text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE,
+                                 return_tensors="pt")
+            frames = out["feature_attention_mask"].sum(-1).tolist()
+            audio_tokens = tuple(((f - 1) // 2 + 1 - 2) // 2 + 1 for f in frames)
+            inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
+        else:
+            out = self.processor(text=text, return_tensors="pt")
+            audio_tokens, inputs = (), None
+        ids = tuple(out["input_ids"][0].tolist())
+        return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @torch.inference_mode()
+    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Mapping[int, int]:
+        if len(self._rows) + len(items) > self.slots:
+            raise RuntimeError("no free KV-cache slot")
+        audio = self._encode_audio([prompt for _, prompt, _ in items])
+        logits = []
+        rows = []
+        for (seq_id, prompt, sampling), features in zip(items, audio, strict=True):
+            row = len(self._rows)
+            ids = torch.tensor([prompt.token_ids], device=self.device)
+            embeds = self.embed(ids)
+            if features is not None:
+                mask = (ids == self.audio_token_id).unsqueeze(-1)
+                embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+            length = ids.shape[1]
+            self.cache.reserve(length + 1)
+            self.cache.begin_prefill(row)
+            hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": None},
+                             position_ids=torch.arange(length, device=self.device)[None],
+                             past_key_values=self.cache, use_cache=True).last_hidden_state
+            logits.append(self.model.lm_head(hidden[:, -1]))
+            self._start_row(row, seq_id, prompt, sampling)
+            rows.append(row)
+        tokens = self._sample(torch.cat(logits), rows)
+        return {self._rows[r].seq_id: t for r, t in zip(rows, tokens, strict=True)}
+
+    @torch.inference_mode()
+    def step(self) -> Mapping[int, int]:
+        n = len(self._rows)
+        if n == 0:
+            return {}
+        positions = self._lengths[:n]
+        kv_len = int(positions.max()) + 1
+        self.cache.reserve(kv_len)
+        ragged = bool((positions != positions[0]).any())
+        mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :] if ragged \
+            else None
+        self.cache.begin_step(n, positions, kv_len)
+        hidden = self.lm(inputs_embeds=self.embed(self._last[:n, None]), attention_mask={"full_attention": mask},
+                         position_ids=positions[:, None], past_key_values=self.cache, use_cache=True).last_hidden_state
+        logits = self.model.lm_head(hidden[:, -1])
+        self._lengths[:n] += 1
+        tokens = self._sample(logits, list(range(n)))
+        return {self._rows[r].seq_id: t for r, t in enumerate(tokens)}
+
+    @torch.inference_mode()
+    def release(self, seq_id: int) -> None:
+        row = self._row_of.pop(seq_id, None)
+        if row is None:
+            return
+        last = len(self._rows) - 1
+        if row != last:  # keep rows contiguous: the last row moves into the freed one
+            self.cache.move(last, row, int(self._lengths[last]))
+            for t in (self._lengths, self._last, self._seen, self._counts):
+                t[row] = t[last]
+            self._rows[row] = self._rows[last]
+            self._row_of[self._rows[row].seq_id] = row
+        self._rows.pop()
+
+    # --- internals ---
+
+    def _start_row(self, row: int, seq_id: int, prompt: Prompt, sampling: Sampling) -> None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(sampling.seed)
+        self._rows.append(_Row(seq_id, sampling, generator))
+        self._row_of[seq_id] = row
+        self._lengths[row] = len(prompt.token_ids)
+        self._seen[row] = False
+        self._seen[row, torch.tensor(prompt.token_ids, device=self.device)] = True
+        self._counts[row] = 0
+
+    def _encode_audio(self, prompts: Sequence[Prompt]) -> list[torch.Tensor | None]:
+        """Audio embeddings per prompt (all its clips, in order), the encoder batched across prompts."""
+        owners = [i for i, p in enumerate(prompts) for _ in p.audio_tokens]
+        if not owners:
+            return [None] * len(prompts)
+        features = torch.cat([p.inputs["input_features"] for p in prompts if p.audio_tokens])
+        frames = torch.cat([p.inputs["feature_attention_mask"] for p in prompts if p.audio_tokens])
+        tower, projector = self.model.model.audio_tower, self.model.model.multi_modal_projector
+        per_clip: list[torch.Tensor] = []
+        for start in range(0, len(features), ENCODER_BATCH):
+            f = features[start:start + ENCODER_BATCH].to(self.device, self.dtype)
+            lengths = frames[start:start + ENCODER_BATCH].sum(-1).to(self.device)
+            after_conv, tokens = tower._get_feat_extract_output_lengths(lengths)
+            width = (f.shape[-1] - 2) // 2 + 1
+            valid = (torch.arange(width, device=self.device)[None, :] < after_conv[:, None]).long()
+            mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
+                                             inputs_embeds=torch.zeros(len(f), width, 1, dtype=self.dtype,
+                                                                       device=self.device))
+            out = projector(tower(f, attention_mask=mask).last_hidden_state)
+            per_clip.extend(out[j, : int(tokens[j])] for j in range(len(f)))
+        grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for owner, clip in zip(owners, per_clip, strict=True):
+            grouped[owner].append(clip)
+        return [torch.cat(g) if g else None for g in grouped]
+
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """Next token per row: penalties, then greedy or temperature / top-k / top-p sampling (as transformers)."""
+        logits = logits.float()
+        params = [self._rows[r].sampling for r in rows]
+        index = torch.tensor(rows, device=self.device)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)[:, None]
+        if bool((penalty != 1.0).any()):
+            penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+            logits = torch.where(self._seen[index], penalised, logits)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = self._counts[index].float()
+            presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
+            frequency = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
+            logits = logits - presence * (counts > 0) - frequency * counts
+        chosen = logits.argmax(-1)
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        if sampled:
+            chosen[sampled] = self._draw(logits[sampled], [rows[i] for i in sampled])
+        self._seen[index, chosen] = True
+        self._counts[index, chosen] += 1
+        self._last[index] = chosen
+        return chosen.tolist()
+
+    def _draw(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        params = [self._rows[r].sampling for r in rows]
+        vocab = logits.shape[-1]
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)[:, None]
+        logits = logits / temperature
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        width = max(ks)
+        if width < vocab:
+            values, ids = logits.topk(width, dim=-1)
+        else:
+            values, ids = logits.sort(dim=-1, descending=True)
+        beyond_k = torch.arange(width, device=self.device)[None, :] >= torch.tensor(ks, device=self.device)[:, None]
+        probs = values.masked_fill(beyond_k, float("-inf")).softmax(-1)
+        top_p = torch.tensor([p.top_p for p in params], device=self.device)[:, None]
+        before = probs.cumsum(-1) - probs  # probability mass ranked above each candidate
+        outside = before >= top_p
+        outside[:, 0] = False
+        probs = probs.masked_fill(outside, 0.0)
+        cumulative = probs.cumsum(-1)
+        draws = torch.tensor([torch.rand((), generator=self._rows[r].generator).item() for r in rows],
+                             device=self.device)[:, None]
+        pick = (cumulative < draws * cumulative[:, -1:]).sum(-1).clamp(max=width - 1)
+        return ids.gather(1, pick[:, None]).squeeze(1)
+

@@ -1,0 +1,70 @@
+"""Exactness: with greedy decoding the engine's tokens are `model.generate`'s, alone and batched."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from tests.engine.helpers import PROMPTS
+from ting.engine.prompt import template_messages
+from ting.types import SamplingParams
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path):  # type: ignore[no-untyped-def]
+    """transformers' own generate(), on its own copy of the checkpoint."""
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+
+    def generate(messages, repetition_penalty: float = 1.0) -> list[int]:  # type: ignore[no-untyped-def]
+        shaped, clips = template_messages(messages)
+        text = processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=text, audio=[c.samples for c in clips] or None, sampling_rate=16000,
+                           return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, repetition_penalty=repetition_penalty)
+        tokens = out[0, inputs.input_ids.shape[1]:].tolist()
+        eos = set(model.generation_config.eos_token_id)
+        for i, t in enumerate(tokens):  # generate() pads after the end of sequence; the engine stops there
+            if t in eos:
+                return tokens[: i + 1]
+        return tokens
+
+    return generate
+
+
+async def run(engine, messages, params: SamplingParams, delay_s: float = 0.0) -> list[int]:  # type: ignore[no-untyped-def]
+    await asyncio.sleep(delay_s)
+    prompt = await engine.prepare(messages)
+    tokens: list[int] = []
+    async for chunk in engine.generate(prompt, engine.resolve(params, prompt)):
+        tokens.extend(chunk.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+async def test_alone_the_engine_gives_generates_tokens(engine, reference, penalty: float) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=penalty)
+    expected = [reference(m, penalty) for m in PROMPTS]
+    assert len({tuple(e) for e in expected}) == len(PROMPTS)  # the prompts really lead to different answers
+    for messages, want in zip(PROMPTS, expected, strict=True):
+        assert await run(engine, messages, params) == want
+
+
+async def test_batched_with_others_of_different_lengths_the_tokens_do_not_change(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.1)
+    expected = [reference(m, 1.1) for m in PROMPTS]
+    steps_before = engine.stats.steps
+    # Staggered arrivals: later requests join while earlier ones are mid-way, and leave at different times.
+    got = await asyncio.gather(*(run(engine, m, params, delay_s=0.01 * i) for i, m in enumerate(PROMPTS * 2)))
+    assert got == expected * 2
+    generated = sum(len(t) for t in got)
+    # Sequentially this would take one step per token after the first; batching takes far fewer.
+    assert engine.stats.steps - steps_before < (generated - len(got)) // 2
