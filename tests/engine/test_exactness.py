@@ -68,3 +68,27 @@ async def test_batched_with_others_of_different_lengths_the_tokens_do_not_change
     generated = sum(len(t) for t in got)
     # Sequentially this would take one step per token after the first; batching takes far fewer.
     assert engine.stats.steps - steps_before < (generated - len(got)) // 2
+
+
+@pytest.mark.parametrize("seconds", [0.03, 0.5, 5.0, 17.3, 30.0, 45.0])
+def test_the_encoder_over_a_clips_own_frames_matches_the_full_window(engine, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """The backend encodes only a clip's frames; transformers encodes the whole 30 s window."""
+    from tests.engine.helpers import ask
+
+    backend = engine.backend
+    prompt = backend.prepare(ask(seconds, "x"))
+    features = prompt.inputs["input_features"]
+    frames = prompt.inputs["feature_attention_mask"]
+    with torch.inference_mode():
+        mine = backend._encode_clips(features, frames.sum(-1))[0]
+        tower = backend.model.model.audio_tower
+        after_conv, tokens = tower._get_feat_extract_output_lengths(frames.sum(-1))
+        from transformers.masking_utils import create_bidirectional_mask
+
+        valid = (torch.arange(1500)[None, :] < after_conv[:, None]).long()
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
+                                         inputs_embeds=torch.zeros(1, 1500, 1))
+        full = backend.model.model.multi_modal_projector(tower(features, attention_mask=mask).last_hidden_state)
+        full = full[0, : int(tokens[0])]
+    assert mine.shape == full.shape == (prompt.audio_tokens[0], full.shape[-1])
+    assert torch.allclose(mine, full, rtol=1e-4, atol=1e-4), float((mine - full).abs().max())

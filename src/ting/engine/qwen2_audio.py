@@ -34,6 +34,7 @@ from ting.types import SAMPLE_RATE, Message
 log = logging.getLogger("ting.engine")
 
 ENCODER_BATCH = 8  # clips per audio-encoder call (a 30 s window each)
+SKINNY_CHUNK = 1024  # weight rows per product in a batched CPU decoding step
 CACHE_GROWTH = 256  # KV-cache length grows in steps of this many tokens
 AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -129,6 +130,40 @@ def load(
     net.eval()
     return Qwen2AudioBackend(net, processor, generation, device=dev, dtype=dt, max_batch_size=max_batch_size,
                              max_model_len=max_model_len, path=path)
+
+
+# --- small-batch matrix products on CPU ------------------------------------------------------------------
+
+
+class _Decoding:
+    active = False  # set while a batched decoding step runs on CPU
+
+
+def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear for a decoding step of a few rows: the weight as the streamed operand.
+
+    MKL's GEMM for x @ W.T with 2 to 64 rows repacks all of W on every call; W @ x.T, taken 1024 rows of W at a
+    time, does not, which makes a batched CPU step 1.5 to 2.5 times faster (bench/RESULTS.md). Prefill and
+    single-row steps keep transformers' own path.
+    """
+    rows = x.numel() // x.shape[-1]
+    if _Decoding.active and 1 < rows <= 64:
+        xt = x.reshape(rows, x.shape[-1]).t()
+        out = torch.empty(self.out_features, rows, dtype=x.dtype, device=x.device)
+        for i in range(0, self.out_features, SKINNY_CHUNK):
+            torch.mm(self.weight[i:i + SKINNY_CHUNK], xt, out=out[i:i + SKINNY_CHUNK])
+        if self.bias is not None:
+            out += self.bias[:, None]
+        return out.t().reshape(*x.shape[:-1], self.out_features)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _use_skinny_linear(model: torch.nn.Module) -> None:
+    import types
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_skinny_linear, module)
 
 
 # --- the KV cache ------------------------------------------------------------------------------------------
@@ -232,6 +267,9 @@ class Qwen2AudioBackend:
             repetition_penalty=float(generation.repetition_penalty or 1.0),
         )
         self.lm = model.model.language_model
+        if device.type == "cpu":
+            _use_skinny_linear(self.lm)
+            _use_skinny_linear(model.lm_head)
         self.embed = self.lm.get_input_embeddings()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.cache = SlotCache(text.num_hidden_layers, max_batch_size, text.num_key_value_heads, head_dim,
@@ -312,9 +350,14 @@ class Qwen2AudioBackend:
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :] if ragged \
             else None
         self.cache.begin_step(n, positions, kv_len)
-        hidden = self.lm(inputs_embeds=self.embed(self._last[:n, None]), attention_mask={"full_attention": mask},
-                         position_ids=positions[:, None], past_key_values=self.cache, use_cache=True).last_hidden_state
-        logits = self.model.lm_head(hidden[:, -1])
+        _Decoding.active = n > 1
+        try:
+            hidden = self.lm(inputs_embeds=self.embed(self._last[:n, None]), attention_mask={"full_attention": mask},
+                             position_ids=positions[:, None], past_key_values=self.cache,
+                             use_cache=True).last_hidden_state
+            logits = self.model.lm_head(hidden[:, -1])
+        finally:
+            _Decoding.active = False
         self._lengths[:n] += 1
         tokens = self._sample(logits, list(range(n)))
         return {self._rows[r].seq_id: t for r, t in enumerate(tokens)}
@@ -351,24 +394,42 @@ class Qwen2AudioBackend:
         if not owners:
             return [None] * len(prompts)
         features = torch.cat([p.inputs["input_features"] for p in prompts if p.audio_tokens])
-        frames = torch.cat([p.inputs["feature_attention_mask"] for p in prompts if p.audio_tokens])
-        tower, projector = self.model.model.audio_tower, self.model.model.multi_modal_projector
-        per_clip: list[torch.Tensor] = []
-        for start in range(0, len(features), ENCODER_BATCH):
-            f = features[start:start + ENCODER_BATCH].to(self.device, self.dtype)
-            lengths = frames[start:start + ENCODER_BATCH].sum(-1).to(self.device)
-            after_conv, tokens = tower._get_feat_extract_output_lengths(lengths)
-            width = (f.shape[-1] - 2) // 2 + 1
-            valid = (torch.arange(width, device=self.device)[None, :] < after_conv[:, None]).long()
-            mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
-                                             inputs_embeds=torch.zeros(len(f), width, 1, dtype=self.dtype,
-                                                                       device=self.device))
-            out = projector(tower(f, attention_mask=mask).last_hidden_state)
-            per_clip.extend(out[j, : int(tokens[j])] for j in range(len(f)))
+        frames = torch.cat([p.inputs["feature_attention_mask"] for p in prompts if p.audio_tokens]).sum(-1)
+        order = sorted(range(len(features)), key=lambda j: int(frames[j]))  # similar lengths share a batch
+        per_clip: dict[int, torch.Tensor] = {}
+        for start in range(0, len(order), ENCODER_BATCH):
+            chunk = order[start:start + ENCODER_BATCH]
+            embeds = self._encode_clips(features[chunk].to(self.device, self.dtype), frames[chunk].to(self.device))
+            per_clip.update(zip(chunk, embeds, strict=True))
         grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
-        for owner, clip in zip(owners, per_clip, strict=True):
-            grouped[owner].append(clip)
+        for j, owner in enumerate(owners):
+            grouped[owner].append(per_clip[j])
         return [torch.cat(g) if g else None for g in grouped]
+
+    def _encode_clips(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
+        """transformers' Qwen2AudioEncoder.forward, run over the clips' own frames instead of the whole window.
+
+        The reference always encodes 3000 mel frames (30 s), masking the padding out of attention. Each
+        convolution looks one frame ahead, so positions up to a clip's end depend only on its frames and the
+        one after; encoding just those gives the same features for every position the model uses, and a 5 s
+        clip costs a sixth of the work. A full 30 s window is exactly the reference pass.
+        """
+        tower, projector = self.model.model.audio_tower, self.model.model.multi_modal_projector
+        after_conv, tokens = tower._get_feat_extract_output_lengths(frames)
+        width = min(features.shape[-1], 2 * int(after_conv.max()) + 1)
+        hidden = torch.nn.functional.gelu(tower.conv1(features[..., :width]))
+        hidden = torch.nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
+        positions = hidden.shape[1]
+        hidden = hidden + tower.embed_positions.weight[:positions]
+        valid = (torch.arange(positions, device=self.device)[None, :] < after_conv[:, None]).long()
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
+                                         inputs_embeds=torch.zeros(len(features), positions, 1, dtype=self.dtype,
+                                                                   device=self.device))
+        for layer in tower.layers:
+            hidden = layer(hidden, mask)
+        hidden = tower.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
+        out = projector(tower.layer_norm(hidden))
+        return [out[j, : int(tokens[j])] for j in range(len(features))]
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """Next token per row: penalties, then greedy or temperature / top-k / top-p sampling (as transformers)."""
