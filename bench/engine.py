@@ -190,17 +190,20 @@ async def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for c, ref, ting in rows:
         if ref is not None:
-            print(f"| {c} | {ref.throughput:.2f} | {ting.throughput:.2f} | **{ting.throughput / ref.throughput:.2f}** | "
+            ratio = ting.throughput / ref.throughput
+            print(f"| {c} | {ref.throughput:.2f} | {ting.throughput:.2f} | **{ratio:.2f}** | "
                   f"{ref.pct(50):.2f} / {ref.pct(95):.2f} | {ting.pct(50):.2f} / {ting.pct(95):.2f} | "
                   f"{ting.pct(50) / ref.pct(50):.2f} | {statistics.median(ting.decode_tok_s):.1f} |")
         else:
             print(f"| {c} | (skipped) | {ting.throughput:.2f} | – | – | {ting.pct(50):.2f} / {ting.pct(95):.2f} | – | "
                   f"{statistics.median(ting.decode_tok_s):.1f} |")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.device.startswith("cuda"):
         machine = torch.cuda.get_device_name() + f", torch {torch.__version__}"
     record = {"model": args.model, "device": args.device, "machine": machine, "args": vars(args), "info": info,
-              "rows": [{"concurrency": c, "reference": asdict(r) if r else None, "ting": asdict(t)} for c, r, t in rows]}
+              "rows": [{"concurrency": c, "reference": asdict(r) if r else None, "ting": asdict(t)}
+                       for c, r, t in rows]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"engine-{args.model}-{args.device.replace(':', '')}.json").write_text(json.dumps(record, indent=1))
 

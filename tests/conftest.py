@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +53,27 @@ async def engine(tiny_dir: Path) -> AsyncIterator[object]:
     e.start()
     yield e
     e.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[str]:
+    """A PostgreSQL server the test session starts itself ($TING_TEST_POSTGRES_URL to use another)."""
+    from tests import postgres
+
+    if os.environ.get("TING_TEST_POSTGRES_URL"):
+        yield os.environ["TING_TEST_POSTGRES_URL"].rstrip("/")
+        return
+    if postgres.binaries() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql); scripts/install --dev installs it")
+    with postgres.temporary_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: SQLite in a temporary directory, or a new database on the test PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ting.db'}"
+    from tests import postgres
+
+    return await postgres.create_database(request.getfixturevalue("postgres_admin"))

@@ -6,7 +6,7 @@ sampling, and does one batched step at a time. `Qwen2AudioBackend` (qwen2_audio.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,8 +63,8 @@ class Backend(Protocol):
         """Render, tokenize and extract features. Thread-safe; runs off the engine thread."""
         ...
 
-    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Mapping[int, int]:
-        """Start sequences (id, prompt, sampling): fill their KV cache and sample each one's first token."""
+    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Iterator[tuple[int, int]]:
+        """Start sequences (id, prompt, sampling): fill their KV cache; yield (id, first token) as each is done."""
         ...
 
     def step(self) -> Mapping[int, int]:

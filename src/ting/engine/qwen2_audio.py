@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,31 +312,34 @@ class Qwen2AudioBackend:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    @torch.inference_mode()
-    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Mapping[int, int]:
+    def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Iterator[tuple[int, int]]:
+        """Start sequences; yields (sequence id, first token) as each prompt is done, so its first token can go
+        out before the next prompt is prefilled. The audio encoder runs once, batched across all of them."""
         if len(self._rows) + len(items) > self.slots:
             raise RuntimeError("no free KV-cache slot")
-        audio = self._encode_audio([prompt for _, prompt, _ in items])
-        logits = []
-        rows = []
+        with torch.inference_mode():
+            audio = self._encode_audio([prompt for _, prompt, _ in items])
         for (seq_id, prompt, sampling), features in zip(items, audio, strict=True):
-            row = len(self._rows)
-            ids = torch.tensor([prompt.token_ids], device=self.device)
-            embeds = self.embed(ids)
-            if features is not None:
-                mask = (ids == self.audio_token_id).unsqueeze(-1)
-                embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-            length = ids.shape[1]
-            self.cache.reserve(length + 1)
-            self.cache.begin_prefill(row)
-            hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": None},
-                             position_ids=torch.arange(length, device=self.device)[None],
-                             past_key_values=self.cache, use_cache=True).last_hidden_state
-            logits.append(self.model.lm_head(hidden[:, -1]))
-            self._start_row(row, seq_id, prompt, sampling)
-            rows.append(row)
-        tokens = self._sample(torch.cat(logits), rows)
-        return {self._rows[r].seq_id: t for r, t in zip(rows, tokens, strict=True)}
+            with torch.inference_mode():
+                token = self._prefill_one(seq_id, prompt, sampling, features)
+            yield seq_id, token
+
+    def _prefill_one(self, seq_id: int, prompt: Prompt, sampling: Sampling, features: torch.Tensor | None) -> int:
+        row = len(self._rows)
+        ids = torch.tensor([prompt.token_ids], device=self.device)
+        embeds = self.embed(ids)
+        if features is not None:
+            mask = (ids == self.audio_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        length = ids.shape[1]
+        self.cache.reserve(length + 1)
+        self.cache.begin_prefill(row)
+        hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": None},
+                         position_ids=torch.arange(length, device=self.device)[None],
+                         past_key_values=self.cache, use_cache=True).last_hidden_state
+        logits = self.model.lm_head(hidden[:, -1])
+        self._start_row(row, seq_id, prompt, sampling)
+        return self._sample(logits, [row])[0]
 
     @torch.inference_mode()
     def step(self) -> Mapping[int, int]:

@@ -65,7 +65,7 @@ class Scheduler:
         *,
         max_batch_size: int = 16,
         max_queue: int = 256,
-        prefill_token_budget: int = 8192,  # prompt tokens prefilled between two decoding steps (at least one prompt)
+        prefill_token_budget: int = 2048,  # prompt tokens prefilled between two decoding steps (at least one prompt)
     ) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
@@ -167,21 +167,19 @@ class Scheduler:
                 tokens += len(nxt.prompt.token_ids)
         if not batch:
             return False
+        pending = {s.id: s for s in batch}
         try:
-            first = self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch])
+            for seq_id, token in self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch]):
+                s = pending.pop(seq_id)
+                s.first_token_at = time.monotonic()
+                self._running[s.id] = s
+                self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
         except Exception as exc:
             log.exception("prefill failed")
-            for s in batch:
+            for s in pending.values():
                 self._safe_release(s.id)
                 s.finished = True
                 s.emit(EngineError(f"The model failed on this request ({type(exc).__name__})."))
-            self._update_counts()
-            return True
-        now = time.monotonic()
-        for s in batch:
-            s.first_token_at = now
-            self._running[s.id] = s
-            self._advance(s, first[s.id])
         self._update_counts()
         return True
 

@@ -1,0 +1,1 @@
+"""HTTP: the DashScope and OpenAI protocols over FastAPI."""

@@ -1,0 +1,103 @@
+"""The FastAPI application: both protocols on one runtime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Scope
+
+from ting import __version__
+from ting.api import dashscope, health, openai
+from ting.api.middleware import BodyLimit, RequestContext
+from ting.api.runtime import Runtime
+from ting.config import Settings
+from ting.engine import Engine
+from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
+
+log = logging.getLogger("ting.server")
+
+OPENAI_PREFIXES = ("/v1/", "/compatible-mode/")
+
+
+def render_error(scope: Scope, exc: TingError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """An error in the envelope of the protocol the path belongs to."""
+    request_id = scope.get("state", {}).get("request_id", "")
+    path = scope.get("path", "")
+    render = openai.error_response if path.startswith(OPENAI_PREFIXES) else dashscope.error_response
+    status, headers, body = render(exc, request_id)
+    return status, [(k.encode(), v.encode()) for k, v in headers.items()], body
+
+
+def _response(request: Request, exc: TingError) -> Response:
+    status, headers, body = render_error(request.scope, exc)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and "dict" in first.get("msg", "")):
+        return _response(request, IllegalJson())
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
+                                               f"parameters. {where}: {first.get('msg', '')}".strip()))
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    if runtime is None:
+        def load() -> Engine:
+            return Engine.load(settings.model, device=settings.device, dtype=settings.dtype,
+                               max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                               max_model_len=settings.max_model_len, home=settings.home_path)
+
+        runtime = Runtime(settings, load_engine=load)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.open()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(title="Ting", version=__version__, lifespan=lifespan, redoc_url=None,
+                  description="Self-hosted Qwen-Audio: the DashScope and OpenAI APIs on your own hardware.")
+    app.state.runtime = runtime
+    app.include_router(dashscope.router)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+
+    @app.exception_handler(TingError)
+    async def ting_error(request: Request, exc: TingError) -> Response:
+        return _response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return _response(request, NotFound(f"No such endpoint: {request.method} {request.url.path}"))
+        error = TingError(str(exc.detail))
+        error.status, error.code = exc.status_code, "InvalidParameter" if exc.status_code < 500 else "InternalError"
+        return _response(request, error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _response(request, TingError())
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
+                       per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(RequestContext)
+    return app

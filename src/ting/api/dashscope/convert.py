@@ -1,0 +1,140 @@
+"""DashScope wire JSON <-> domain objects. Pure functions; the error texts are DashScope's."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from ting.api.dashscope.schemas import GenerationParameters, GenerationRequest
+from ting.errors import EmptyInput, EmptyModel, IllegalJson, InvalidParameter
+from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
+
+ROLES = ("system", "user", "assistant")
+SEED_MAX = 2**31 - 1
+
+
+def parse_body(raw: bytes) -> GenerationRequest:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise IllegalJson() from None
+    if not isinstance(body, dict):
+        raise IllegalJson()
+    if not body.get("model"):
+        raise EmptyModel()
+    if body.get("input") is None:
+        raise EmptyInput()
+    try:
+        return GenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidParameter(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "str", "int")))
+    return f"Required parameter(s) missing or invalid, please check the request parameters. {where}: {first['msg']}"
+
+
+def to_chat_request(req: GenerationRequest) -> tuple[ChatRequest, bool]:
+    """The domain request, and whether the stream should carry deltas (incremental_output)."""
+    assert req.model is not None and req.input is not None
+    messages = req.input.messages or []
+    if not messages:
+        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    domain: list[Message] = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidParameter(f"input.messages.{i}.role must be one of system, user or assistant, not {m.role!r}.")
+        domain.append(Message(m.role, _parts(m.role, m.content, i)))  # type: ignore[arg-type]
+    if not any(m.role == "user" for m in domain):
+        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    params = req.parameters or GenerationParameters()
+    chat = ChatRequest(model=req.model, messages=tuple(domain), sampling=sampling(params))
+    return chat, bool(params.incremental_output)
+
+
+def _parts(role: str, content: Any, index: int) -> tuple[Part, ...]:
+    if isinstance(content, str):
+        return (TextPart(content),)
+    parts: list[Part] = []
+    for j, item in enumerate(content):
+        extra = set(item.model_extra or {})
+        if item.audio is not None:
+            if role != "user":
+                raise InvalidParameter(f"input.messages.{index}: audio is only accepted in user messages.")
+            parts.append(AudioPart(item.audio))
+        elif item.text is not None:
+            parts.append(TextPart(item.text))
+        elif extra & {"image", "video"}:
+            raise InvalidParameter(f"input.messages.{index}.content.{j}: this model takes audio and text, "
+                                   f"not {sorted(extra & {'image', 'video'})[0]}.")
+        else:
+            raise InvalidParameter(f"input.messages.{index}.content.{j} needs a text or an audio field.")
+    return tuple(parts)
+
+
+def sampling(p: GenerationParameters) -> SamplingParams:
+    if p.temperature is not None and not 0.0 <= p.temperature < 2.0:
+        raise InvalidParameter("Temperature should be in [0.0, 2.0)")
+    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+        raise InvalidParameter("Range of top_p should be (0.0, 1.0]")
+    if p.top_k is not None and p.top_k < 0:
+        raise InvalidParameter("Range of top_k should be [0, 100] (0 or above 100 disables it)")
+    if p.seed is not None and not 0 <= p.seed <= SEED_MAX:
+        raise InvalidParameter(f"Range of seed should be [0, {SEED_MAX}]")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise InvalidParameter("Repetition_penalty should be greater than 0.0")
+    if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
+        raise InvalidParameter("Presence_penalty should be in [-2.0, 2.0]")
+    if p.n is not None and p.n != 1:
+        raise InvalidParameter("Range of n should be [1, 1] for this model.")
+    if p.tools:
+        raise InvalidParameter("The model does not support tools.")
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    if isinstance(p.stop, str):
+        stop = (p.stop,)
+    elif p.stop and all(isinstance(s, str) for s in p.stop):
+        stop = tuple(p.stop)  # type: ignore[arg-type]
+    elif p.stop:
+        stop_ids = tuple(p.stop)  # type: ignore[arg-type]
+    top_k = p.top_k if p.top_k is not None and p.top_k <= 100 else 0
+    return SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=top_k if p.top_k is not None else None,
+        seed=p.seed, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty or 0.0,
+        stop=stop, stop_token_ids=stop_ids,
+    )
+
+
+def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
+    """The non-stream body, key order as the hosted API's own example (contract §2.5)."""
+    return {
+        "output": {"choices": [{"finish_reason": finish_reason or "stop",
+                                "message": {"role": "assistant", "content": [{"text": text}]}}]},
+        "usage": {"audio_tokens": usage.audio_tokens, "output_tokens": usage.output_tokens,
+                  "input_tokens": usage.input_tokens},
+        "request_id": request_id,
+    }
+
+
+def stream_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
+    """One stream event's data, key order as the contract's capture (§2.6)."""
+    return {
+        "output": {"choices": [{"message": {"role": "assistant", "content": [{"text": text}]},
+                                "finish_reason": finish_reason or "null"}]},
+        "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                  "audio_tokens": usage.audio_tokens},
+        "request_id": request_id,
+    }
+
+
+def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
+    return {"code": code, "message": message, "request_id": request_id}
+
+
+def dumps(obj: Any) -> str:
+    """Single-line JSON, as DashScope sends it."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,41 @@
+"""Liveness and readiness. /health is 200 once the model is loaded and serving, 503 before (and after)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ting.api.runtime import runtime_of
+
+router = APIRouter(tags=["Health"])
+
+
+def _status(request: Request) -> tuple[int, dict[str, Any]]:
+    runtime = runtime_of(request)
+    body: dict[str, Any] = {"status": "ok" if runtime.ready else runtime.state, "model": runtime.settings.model}
+    if runtime.state == "failed":
+        body["error"] = runtime.error
+    if runtime.engine is not None:
+        info = runtime.engine.describe()
+        stats = runtime.engine.stats
+        body.update(device=info.get("device"), dtype=info.get("dtype"), running=stats.running, waiting=stats.waiting)
+    return (200 if runtime.ready else 503), body
+
+
+@router.get("/health", summary="200 once the model is loaded and serving, 503 before")
+async def health(request: Request) -> JSONResponse:
+    status, body = _status(request)
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/health/ready", summary="Same as /health")
+async def ready(request: Request) -> JSONResponse:
+    status, body = _status(request)
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/health/live", summary="200 while the process answers")
+async def live() -> JSONResponse:
+    return JSONResponse({"status": "alive"})

@@ -1,0 +1,1 @@
+"""A stand-alone Python client for Ting (imports nothing from the server)."""

@@ -1,0 +1,194 @@
+"""The database: SQLite in the data directory by default, PostgreSQL for several replicas.
+
+SQLAlchemy Core (async) speaks both. SQLite runs in WAL mode with synchronous=FULL (a usage row survives a
+crash and a power cut) and takes its write lock at the start of each transaction (BEGIN IMMEDIATE), so a
+read-then-write never fails half-way with SQLITE_BUSY; concurrent writers wait up to busy_timeout.
+PostgreSQL locks the rows it is about to change (SELECT ... FOR UPDATE). Migrations are an ordered list,
+each applied once and recorded in schema_migrations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+metadata = sa.MetaData()
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("prefix", sa.String(24), nullable=False),  # shown in listings: "sk-ting-Ab12"
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # SHA-256 of the key; never the key
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("quota_tokens", sa.BigInteger),  # tokens granted; NULL: unlimited
+    sa.Column("spent_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reserved_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rpm", sa.Integer),  # requests per minute; NULL: unlimited
+    sa.Column("max_concurrency", sa.Integer),  # requests in flight; NULL: unlimited
+    sa.CheckConstraint("spent_tokens >= 0 AND reserved_tokens >= 0", name="ck_balance_non_negative"),
+    sa.CheckConstraint("quota_tokens IS NULL OR spent_tokens + reserved_tokens <= quota_tokens",
+                       name="ck_within_quota"),
+)
+
+# One row per request in flight: written when it is admitted, deleted when it is settled.
+reservations = sa.Table(
+    "reservations", metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(40), index=True),  # NULL for static keys and open servers
+    sa.Column("tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("model", sa.String(100), nullable=False, server_default=""),
+    sa.Column("protocol", sa.String(20), nullable=False, server_default=""),
+    sa.Column("instance_id", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# One row per request, written exactly once.
+ledger = sa.Table(
+    "ledger", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("key_id", sa.String(40), index=True),
+    sa.Column("model", sa.String(100), nullable=False, server_default=""),
+    sa.Column("protocol", sa.String(20), nullable=False, server_default=""),
+    sa.Column("status", sa.String(20), nullable=False),  # ok | refused | error | aborted | interrupted
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("audio_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("audio_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("input_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("charged_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("latency_ms", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+)
+
+rate_windows = sa.Table(
+    "rate_windows", metadata,
+    sa.Column("key_id", sa.String(40), primary_key=True),
+    sa.Column("window_start", sa.BigInteger, primary_key=True),  # epoch minute
+    sa.Column("requests", sa.Integer, nullable=False),
+)
+
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+
+uploads = sa.Table(
+    "uploads", metadata,
+    sa.Column("object_key", sa.String(1024), primary_key=True),
+    sa.Column("owner", sa.String(80), nullable=False),
+    sa.Column("model", sa.String(100), nullable=False, server_default=""),
+    sa.Column("path", sa.String(200), nullable=False),  # file name under the uploads directory
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+server_secrets = sa.Table(
+    "server_secrets", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(200), nullable=False),
+)
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+Migration = Callable[[AsyncConnection], Awaitable[None]]
+
+
+async def _initial_schema(conn: AsyncConnection) -> None:
+    tables = [api_keys, reservations, ledger, rate_windows, instances, uploads, server_secrets]
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables))
+
+
+MIGRATIONS: list[tuple[int, str, Migration]] = [
+    (1, "initial schema", _initial_schema),
+]
+
+
+def async_url(url: str) -> str:
+    """Pick the async driver: sqlite -> aiosqlite, postgresql -> asyncpg."""
+    if url.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url[len("sqlite:"):]
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix):]
+    return url
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = async_url(url)
+        self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        if self.dialect == "sqlite":
+            path = sa.engine.make_url(self.url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
+            _sqlite_pragmas(self.engine)
+        else:
+            self.engine = create_async_engine(self.url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+    @property
+    def for_update(self) -> bool:
+        """Whether SELECT ... FOR UPDATE means anything (SQLite already holds the write lock)."""
+        return self.dialect == "postgresql"
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; returns their names. Safe to run from several replicas at once."""
+        applied: list[str] = []
+        async with self.write() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(727175)"))  # one migrator at a time
+            await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[schema_migrations]))
+            done = {row.version for row in await conn.execute(sa.select(schema_migrations.c.version))}
+            for version, name, migration in MIGRATIONS:
+                if version not in done:
+                    await migration(conn)
+                    await conn.execute(schema_migrations.insert().values(version=version, name=name,
+                                                                         applied_at=time.time()))
+                    applied.append(name)
+        return applied
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that may write (SQLite: BEGIN IMMEDIATE)."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def read(self, statement: Any) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(statement))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000", "foreign_keys=ON"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,88 @@
+"""Uploaded files behind oss:// keys (the DashScope SDK's file:// flow), kept 48 hours.
+
+Bytes live on disk under the data directory, each in a file with a random name (the client's file name is
+never a path here); the database maps the object key to that file and to the key that uploaded it. Only
+that key can use it. As on OSS with x-oss-forbid-overwrite, a key is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ting.errors import DownloadFailed, UploadRejected
+from ting.store.db import Database, uploads
+
+log = logging.getLogger("ting.store")
+
+
+class FileStore:
+    def __init__(self, db: Database, root: Path, *, ttl_s: float) -> None:
+        self.db = db
+        self.root = root
+        self.ttl_s = ttl_s
+
+    def temp_path(self) -> Path:
+        """A fresh file for an upload in progress (same file system as its final place)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.root / f".incoming-{secrets.token_hex(12)}"
+
+    async def commit(self, object_key: str, *, owner: str, model: str, temp: Path, size: int,
+                     now: float | None = None) -> None:
+        """Keep an uploaded file (written to `temp`) under `object_key`."""
+        now = time.time() if now is None else now
+        name = secrets.token_hex(16)
+        try:
+            async with self.db.write() as conn:
+                existing = (await conn.execute(sa.select(uploads).where(uploads.c.object_key == object_key))).first()
+                if existing is not None and existing.expires_at > now:
+                    raise UploadRejected("The object you specified already exists and can not be overwritten.",
+                                         status=409, code="FileAlreadyExists")
+                if existing is not None:
+                    await conn.execute(uploads.delete().where(uploads.c.object_key == object_key))
+                    self._unlink(existing.path)
+                await asyncio.to_thread(os.replace, temp, self.root / name)
+                await conn.execute(uploads.insert().values(object_key=object_key, owner=owner, model=model,
+                                                           path=name, size=size, created_at=now,
+                                                           expires_at=now + self.ttl_s))
+        finally:
+            if temp.exists():
+                temp.unlink()
+
+    async def read_object(self, key: str, *, owner: str | None) -> bytes:
+        """The bytes behind an oss:// key (ting.audio.ObjectStore)."""
+        now = time.time()
+        rows = await self.db.read(sa.select(uploads).where(uploads.c.object_key == key))
+        if not rows or rows[0].expires_at <= now or rows[0].owner != owner:
+            raise DownloadFailed("Failed to download multimodal content: no such uploaded file for this API key "
+                                 "(uploads are kept 48 hours).")
+        try:
+            return await asyncio.to_thread((self.root / rows[0].path).read_bytes)
+        except OSError:
+            raise DownloadFailed() from None
+
+    async def purge(self, now: float | None = None) -> int:
+        """Delete expired uploads; returns how many."""
+        now = time.time() if now is None else now
+        async with self.db.write() as conn:
+            expired = list(await conn.execute(sa.select(uploads.c.object_key, uploads.c.path)
+                                              .where(uploads.c.expires_at <= now)))
+            if expired:
+                await conn.execute(uploads.delete().where(uploads.c.expires_at <= now))
+        for row in expired:
+            self._unlink(row.path)
+        return len(expired)
+
+    def _unlink(self, name: str) -> None:
+        try:
+            (self.root / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.warning("could not delete expired upload %s", name)

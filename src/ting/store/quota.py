@@ -1,0 +1,191 @@
+"""Quotas, rate limits and exactly-once settlement.
+
+A request's life in the database, each step one transaction:
+
+  admit     checks the key's requests-per-minute window, its requests in flight and that some balance is
+            left; writes a reservation row (the request is now in flight and will be settled). A refusal
+            writes its ledger row instead.
+  reserve   once the prompt is known: reserves the most the request can cost (audio + prompt text + max
+            output), atomically: `reserved += n WHERE quota - spent - reserved >= n`. Never more spent
+            than granted, never negative (the table's CHECK constraints are the backstop).
+  settle    charges the real usage (at most the reservation), releases the rest, writes the ledger row and
+            deletes the reservation. Only the transaction that deletes the reservation writes the ledger
+            row, so a request is settled exactly once, however often settle is called.
+  recover   releases the reservations of a server that died mid-request, writing their ledger rows
+            ("interrupted", nothing charged).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ting.errors import AccessDenied, AuthError, ConcurrencyLimited, QuotaExhausted, RateLimited, TingError
+from ting.store.db import Database, api_keys, instances, ledger, rate_windows, reservations
+from ting.store.keys import Principal
+from ting.types import Usage
+
+WINDOW_S = 60  # requests-per-minute windows are whole minutes
+HEARTBEAT_S = 10.0  # how often a server says it is alive
+STALE_S = 45.0  # a server silent this long is dead: its reservations are released
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, for its ledger row."""
+
+    status: str  # ok | refused | error | aborted | interrupted
+    usage: Usage = field(default_factory=Usage)
+    audio_seconds: float = 0.0
+    error_code: str | None = None
+    latency_ms: int = 0
+
+
+class Quota:
+    def __init__(self, db: Database, instance_id: str) -> None:
+        self.db = db
+        self.instance_id = instance_id
+
+    async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row:
+        query = sa.select(api_keys).where(api_keys.c.id == key_id)
+        if self.db.for_update:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise AuthError()
+        return row
+
+    async def admit(self, who: Principal, request_id: str, *, model: str, protocol: str,
+                    now: float | None = None) -> None:
+        """Start a request, or raise (after writing its ledger row) when a limit refuses it."""
+        now = time.time() if now is None else now
+        refusal: TingError | None = None
+        async with self.db.write() as conn:
+            if who.key_id is not None:
+                refusal = await self._check_limits(conn, who.key_id, now)
+            if refusal is None:
+                await conn.execute(reservations.insert().values(
+                    request_id=request_id, key_id=who.key_id, tokens=0, model=model, protocol=protocol,
+                    instance_id=self.instance_id, created_at=now))
+            else:
+                await conn.execute(ledger.insert().values(
+                    request_id=request_id, key_id=who.key_id, model=model, protocol=protocol, status="refused",
+                    error_code=refusal.code, created_at=now))
+        if refusal is not None:
+            raise refusal
+
+    async def _check_limits(self, conn: AsyncConnection, key_id: str, now: float) -> TingError | None:
+        key = await self._key_row(conn, key_id)
+        if key.revoked_at is not None:
+            return AuthError()
+        if key.expires_at is not None and key.expires_at <= now:
+            return AccessDenied("The API key has expired.")
+        if key.quota_tokens is not None and key.spent_tokens + key.reserved_tokens >= key.quota_tokens:
+            return QuotaExhausted()
+        if key.max_concurrency is not None:
+            in_flight = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)
+                                            .where(reservations.c.key_id == key_id))).scalar_one()
+            if in_flight >= key.max_concurrency:
+                return ConcurrencyLimited()
+        if key.rpm is not None:
+            window = int(now // WINDOW_S)
+            counted = await conn.execute(rate_windows.update().where(
+                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window,
+                rate_windows.c.requests < key.rpm).values(requests=rate_windows.c.requests + 1))
+            if counted.rowcount == 0:
+                exists = (await conn.execute(sa.select(rate_windows.c.requests).where(
+                    rate_windows.c.key_id == key_id, rate_windows.c.window_start == window))).first()
+                if exists is not None or key.rpm < 1:
+                    retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
+                    return RateLimited(retry_after_s=retry)
+                await conn.execute(rate_windows.insert().values(key_id=key_id, window_start=window, requests=1))
+                await conn.execute(rate_windows.delete().where(rate_windows.c.key_id == key_id,
+                                                               rate_windows.c.window_start < window - 1))
+        return None
+
+    async def reserve(self, who: Principal, request_id: str, tokens: int) -> None:
+        """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted."""
+        async with self.db.write() as conn:
+            if who.key_id is not None:
+                granted = await conn.execute(api_keys.update().where(
+                    api_keys.c.id == who.key_id,
+                    sa.or_(api_keys.c.quota_tokens.is_(None),
+                           api_keys.c.quota_tokens - api_keys.c.spent_tokens - api_keys.c.reserved_tokens >= tokens),
+                ).values(reserved_tokens=api_keys.c.reserved_tokens + tokens))
+                if granted.rowcount == 0:
+                    await self._settle(conn, request_id, Outcome("refused", error_code=QuotaExhausted.code),
+                                       time.time())
+                    refused = True
+                else:
+                    refused = False
+            else:
+                refused = False
+            if not refused:
+                await conn.execute(reservations.update().where(reservations.c.request_id == request_id)
+                                   .values(tokens=tokens))
+        if refused:
+            raise QuotaExhausted()
+
+    async def settle(self, request_id: str, outcome: Outcome, now: float | None = None) -> bool:
+        """Charge and record a request. False when it was already settled (a no-op)."""
+        async with self.db.write() as conn:
+            return await self._settle(conn, request_id, outcome, time.time() if now is None else now)
+
+    async def _settle(self, conn: AsyncConnection, request_id: str, outcome: Outcome, now: float) -> bool:
+        query = sa.select(reservations).where(reservations.c.request_id == request_id)
+        if self.db.for_update:
+            query = query.with_for_update()
+        held = (await conn.execute(query)).first()
+        if held is None:
+            return False
+        deleted = await conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
+        if deleted.rowcount != 1:  # another transaction settled it first
+            return False
+        charged = min(outcome.usage.total_tokens, held.tokens) if outcome.status in ("ok", "aborted") else 0
+        if held.key_id is not None:
+            await conn.execute(api_keys.update().where(api_keys.c.id == held.key_id).values(
+                spent_tokens=api_keys.c.spent_tokens + charged,
+                reserved_tokens=api_keys.c.reserved_tokens - held.tokens))
+        u = outcome.usage
+        await conn.execute(ledger.insert().values(
+            request_id=request_id, key_id=held.key_id, model=held.model, protocol=held.protocol,
+            status=outcome.status, error_code=outcome.error_code, audio_seconds=round(outcome.audio_seconds, 3),
+            audio_tokens=u.audio_tokens, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+            charged_tokens=charged, latency_ms=outcome.latency_ms, created_at=now))
+        return True
+
+    # --- liveness and crash recovery ------------------------------------------------------------------------
+
+    async def heartbeat(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        async with self.db.write() as conn:
+            updated = await conn.execute(instances.update().where(instances.c.id == self.instance_id)
+                                         .values(heartbeat_at=now))
+            if updated.rowcount == 0:
+                await conn.execute(instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now))
+
+    async def recover(self, *, everyone_else: bool = False, now: float | None = None) -> int:
+        """Release reservations left by dead servers; returns how many.
+
+        `everyone_else`: every other server is dead (SQLite, where one server owns the database file).
+        Otherwise a server is dead when its heartbeat is older than STALE_S.
+        """
+        now = time.time() if now is None else now
+        async with self.db.write() as conn:
+            alive = sa.select(instances.c.id).where(instances.c.heartbeat_at >= now - STALE_S)
+            query = sa.select(reservations.c.request_id).where(reservations.c.instance_id != self.instance_id)
+            if not everyone_else:
+                query = query.where(reservations.c.instance_id.not_in(alive))
+            orphans = [row.request_id for row in await conn.execute(query)]
+            for request_id in orphans:
+                await self._settle(conn, request_id, Outcome("interrupted", error_code="ServerRestarted"), now)
+            await conn.execute(instances.delete().where(instances.c.heartbeat_at < now - 24 * 3600))
+        return len(orphans)
+
+    async def in_flight(self) -> int:
+        rows = await self.db.read(sa.select(sa.func.count()).select_from(reservations))
+        return int(rows[0][0])

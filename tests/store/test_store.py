@@ -1,0 +1,308 @@
+"""Keys, quotas, rate limits, the ledger and uploads, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from ting import errors
+from ting.store import Outcome, Store
+from ting.store.db import api_keys, ledger, reservations
+from ting.types import Usage
+
+
+@pytest.fixture
+async def store(database_url: str, tmp_path: Path) -> Store:
+    s = Store(database_url, home=tmp_path, static_keys=("sk-static",))
+    await s.open(server=True)
+    yield s
+    await s.close()
+
+
+async def dump(store: Store) -> str:
+    """Every row of every table, as text."""
+    out = []
+    async with store.db.engine.connect() as conn:
+        for table in (api_keys, reservations, ledger):
+            out += [repr(tuple(r)) for r in await conn.execute(sa.select(table))]
+    return "\n".join(out)
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_key_is_shown_once_and_stored_only_as_a_hash(store: Store) -> None:
+    key, info = await store.keys.create(name="alice", quota_tokens=1000)
+    assert key.startswith("sk-ting-") and len(key) > 40
+    assert info.prefix == key[:12] and info.remaining_tokens == 1000
+    rows = await dump(store)
+    assert key not in rows and key[12:] not in rows and info.prefix in rows
+    who = await store.keys.authenticate(key)
+    assert who.key_id == info.id and who.owner == info.id
+    keys = {(await store.keys.create())[0] for _ in range(50)}
+    assert len(keys) == 50
+
+
+async def test_revoked_expired_unknown_static_and_open(store: Store) -> None:
+    # before any key exists in the database, only the static key is configured: others are refused
+    with pytest.raises(errors.AuthError):
+        await store.keys.authenticate("sk-whatever")
+    assert (await store.keys.authenticate("sk-static")).name == "static"
+    key, info = await store.keys.create(expires_days=1)
+    await store.keys.authenticate(key)
+    with pytest.raises(errors.AccessDenied, match="expired"):
+        await store.keys.authenticate(key, now=info.created_at + 2 * 86400)
+    await store.keys.revoke(info.id)
+    with pytest.raises(errors.AuthError) as revoked:
+        await store.keys.authenticate(key)
+    with pytest.raises(errors.AuthError) as unknown:
+        await store.keys.authenticate("sk-ting-never-existed")
+    assert (revoked.value.status, revoked.value.message) == (unknown.value.status, unknown.value.message)
+
+
+async def test_an_open_server_until_the_first_key(database_url: str, tmp_path: Path) -> None:
+    s = Store(database_url, home=tmp_path)
+    await s.open()
+    try:
+        anyone = await s.keys.authenticate("sk-anything")
+        assert anyone.key_id is None and anyone.owner.startswith("anon:")
+        assert (await s.keys.authenticate(None)).name == "anonymous"
+        _, info = await s.keys.create()
+        await s.keys.revoke(info.id)  # revoking the last key does not open the server again
+        with pytest.raises(errors.AuthError):
+            await s.keys.authenticate("sk-anything")
+    finally:
+        await s.close()
+
+
+# --- quota ---------------------------------------------------------------------------------------------------
+
+
+async def test_reserve_then_settle_the_real_usage_exactly_once(store: Store) -> None:
+    key, info = await store.keys.create(quota_tokens=1000)
+    who = await store.keys.authenticate(key)
+    await store.quota.admit(who, "r1", model="m", protocol="dashscope")
+    await store.quota.reserve(who, "r1", 400)
+    assert (await store.keys.find(info.id)).remaining_tokens == 600
+    assert await store.quota.settle("r1", Outcome("ok", Usage(30, 125, 40), audio_seconds=5.0))
+    assert not await store.quota.settle("r1", Outcome("ok", Usage(30, 125, 40)))
+    after = await store.keys.find(info.id)
+    assert (after.spent_tokens, after.reserved_tokens, after.remaining_tokens) == (195, 0, 805)
+    rows = await store.ledger.rows()
+    assert len(rows) == 1 and (rows[0].status, rows[0].charged_tokens, rows[0].audio_tokens) == ("ok", 195, 125)
+
+
+async def test_usage_beyond_the_reservation_is_capped(store: Store) -> None:
+    key, info = await store.keys.create(quota_tokens=100)
+    who = await store.keys.authenticate(key)
+    await store.quota.admit(who, "r", model="m", protocol="openai")
+    await store.quota.reserve(who, "r", 50)
+    await store.quota.settle("r", Outcome("ok", Usage(100, 100, 100)))
+    assert (await store.keys.find(info.id)).spent_tokens == 50
+
+
+async def test_a_spent_quota_refuses_and_records_the_refusal(store: Store) -> None:
+    key, _ = await store.keys.create(quota_tokens=100)
+    who = await store.keys.authenticate(key)
+    await store.quota.admit(who, "a", model="m", protocol="dashscope")
+    with pytest.raises(errors.QuotaExhausted):
+        await store.quota.reserve(who, "a", 101)  # more than is left: refused, and settled as such
+    await store.quota.admit(who, "b", model="m", protocol="dashscope")
+    await store.quota.reserve(who, "b", 100)
+    await store.quota.settle("b", Outcome("ok", Usage(50, 25, 25)))
+    with pytest.raises(errors.QuotaExhausted) as info_:
+        await store.quota.admit(who, "c", model="m", protocol="dashscope")
+    assert (info_.value.status, info_.value.code) == (403, "AllocationQuota.FreeTierOnly")
+    statuses = {r.request_id: (r.status, r.error_code) for r in await store.ledger.rows()}
+    assert statuses == {"a": ("refused", "AllocationQuota.FreeTierOnly"), "b": ("ok", None),
+                        "c": ("refused", "AllocationQuota.FreeTierOnly")}
+    assert await store.quota.in_flight() == 0
+
+
+async def test_requests_per_minute_with_retry_after(store: Store) -> None:
+    key, _ = await store.keys.create(rpm=3)
+    who = await store.keys.authenticate(key)
+    t0 = 1_800_000_000.0 + 10  # 10 s into a minute
+    for i in range(3):
+        await store.quota.admit(who, f"r{i}", model="m", protocol="dashscope", now=t0 + i)
+    with pytest.raises(errors.RateLimited) as info:
+        await store.quota.admit(who, "r3", model="m", protocol="dashscope", now=t0 + 3)
+    assert (info.value.status, info.value.code, info.value.retry_after_s) == (429, "Throttling.RateQuota", 47)
+    await store.quota.admit(who, "r4", model="m", protocol="dashscope", now=t0 + 50)  # the next minute
+
+
+async def test_concurrent_requests_per_key(store: Store) -> None:
+    key, _ = await store.keys.create(max_concurrency=2)
+    who = await store.keys.authenticate(key)
+    await store.quota.admit(who, "a", model="m", protocol="dashscope")
+    await store.quota.admit(who, "b", model="m", protocol="dashscope")
+    with pytest.raises(errors.ConcurrencyLimited) as info:
+        await store.quota.admit(who, "c", model="m", protocol="dashscope")
+    assert (info.value.status, info.value.code) == (429, "Throttling")
+    await store.quota.settle("a", Outcome("ok"))
+    await store.quota.admit(who, "d", model="m", protocol="dashscope")
+
+
+async def test_two_hundred_at_once_against_room_for_ten(store: Store) -> None:
+    key, info = await store.keys.create(quota_tokens=10 * 300)
+    who = await store.keys.authenticate(key)
+
+    async def one(i: int) -> str:
+        try:
+            await store.quota.admit(who, f"r{i}", model="m", protocol="dashscope")
+            await store.quota.reserve(who, f"r{i}", 300)
+        except errors.TingError as exc:
+            return exc.code
+        await asyncio.sleep(0.05)
+        await store.quota.settle(f"r{i}", Outcome("ok", Usage(100, 150, 50)))
+        return "ok"
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    assert results.count("ok") == 10
+    rows = await store.ledger.rows()
+    assert len(rows) == 200 and len({r.request_id for r in rows}) == 200
+    assert sum(r.status == "ok" for r in rows) == 10 and sum(r.status == "refused" for r in rows) == 190
+    final = await store.keys.find(info.id)
+    assert (final.spent_tokens, final.reserved_tokens) == (3000, 0)
+    assert await store.quota.in_flight() == 0
+
+
+async def test_a_crashed_servers_reservations_are_released(database_url: str, tmp_path: Path) -> None:
+    first = Store(database_url, home=tmp_path, instance_id="first")
+    await first.open()
+    await first.quota.heartbeat(now=1000.0)
+    key, info = await first.keys.create(quota_tokens=1000)
+    who = await first.keys.authenticate(key)
+    await first.quota.admit(who, "lost", model="m", protocol="dashscope")
+    await first.quota.reserve(who, "lost", 500)
+    await first.close()  # as if killed: nothing settled
+    second = Store(database_url, home=tmp_path, instance_id="second")
+    await second.open()
+    try:
+        if second.db.dialect == "sqlite":
+            assert await second.quota.recover(everyone_else=True) == 1
+        else:  # replicas: only once the first has been silent long enough
+            assert await second.quota.recover(now=1010.0) == 0
+            assert await second.quota.recover(now=1100.0) == 1
+        key_now = await second.keys.find(info.id)
+        assert (key_now.reserved_tokens, key_now.spent_tokens) == (0, 0)
+        rows = await second.ledger.rows()
+        assert [(r.request_id, r.status, r.charged_tokens) for r in rows] == [("lost", "interrupted", 0)]
+    finally:
+        await second.close()
+
+
+async def test_usage_summary_per_key(store: Store) -> None:
+    key, info = await store.keys.create(name="team-a")
+    who = await store.keys.authenticate(key)
+    for i, status in enumerate(["ok", "ok", "error"]):
+        await store.quota.admit(who, f"r{i}", model="qwen-audio-turbo", protocol="dashscope")
+        await store.quota.reserve(who, f"r{i}", 1000)
+        await store.quota.settle(f"r{i}", Outcome(status, Usage(10, 25, 5), audio_seconds=1.0))
+    [summary] = await store.ledger.summary(key_id=info.id)
+    assert (summary.key_name, summary.requests, summary.ok, summary.failed) == ("team-a", 3, 2, 1)
+    assert (summary.audio_seconds, summary.charged_tokens) == (3.0, 80)
+    assert await store.ledger.summary(since=9e12) == []
+
+
+# --- uploads -------------------------------------------------------------------------------------------------
+
+
+async def test_uploads_are_bound_to_their_owner_and_expire(store: Store) -> None:
+    temp = store.files.temp_path()
+    temp.write_bytes(b"RIFF data")
+    await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m", temp=temp, size=9, now=1000.0)
+    assert list(store.files.root.iterdir()) and "b.wav" not in [p.name for p in store.files.root.iterdir()]
+    with pytest.raises(errors.DownloadFailed):
+        await store.files.read_object("dashscope-instant/a/b.wav", owner="mallory")
+    with pytest.raises(errors.DownloadFailed):  # created at t=1000, kept 48 h: long gone
+        await store.files.read_object("dashscope-instant/a/b.wav", owner="alice")
+    assert await store.files.purge() == 1
+    assert not [p for p in store.files.root.iterdir() if not p.name.startswith(".")]
+
+
+# --- the quota as a state machine ------------------------------------------------------------------------------
+
+
+class QuotaMachine(RuleBasedStateMachine):
+    """Random admit / reserve / settle / crash-restart sequences on 3 keys (SQLite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.n = 0
+
+    def run(self, coro):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coro)
+
+    @initialize()
+    def setup(self) -> None:
+        import tempfile
+
+        self.home = Path(tempfile.mkdtemp())
+        self.store = Store(f"sqlite:///{self.home / 't.db'}", home=self.home)
+        self.run(self.store.open(server=True))
+        self.keys = []
+        for quota in (500, 2000, None):
+            key, info = self.run(self.store.keys.create(quota_tokens=quota, max_concurrency=3))
+            self.keys.append((self.run(self.store.keys.authenticate(key)), info.id, quota))
+        self.open: dict[str, tuple[object, int]] = {}
+        self.settled: set[str] = set()
+
+    @rule(k=st.integers(0, 2), tokens=st.integers(1, 700))
+    def start(self, k: int, tokens: int) -> None:
+        who, _, _ = self.keys[k]
+        self.n += 1
+        rid = f"r{self.n}"
+        try:
+            self.run(self.store.quota.admit(who, rid, model="m", protocol="p"))
+            self.run(self.store.quota.reserve(who, rid, tokens))
+            self.open[rid] = (who, tokens)
+        except errors.TingError:
+            self.settled.add(rid)
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data(), used=st.integers(0, 800))
+    def finish(self, data: st.DataObject, used: int) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.open)))
+        self.open.pop(rid)
+        assert self.run(self.store.quota.settle(rid, Outcome("ok", Usage(used, 0, 0))))
+        assert not self.run(self.store.quota.settle(rid, Outcome("ok", Usage(used, 0, 0))))
+        self.settled.add(rid)
+
+    @rule()
+    def crash_and_restart(self) -> None:
+        self.run(self.store.close())
+        self.store = Store(f"sqlite:///{self.home / 't.db'}", home=self.home)
+        self.run(self.store.open(server=True))  # releases every reservation left in flight
+        self.settled |= set(self.open)
+        self.open.clear()
+
+    @invariant()
+    def balances_hold(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        for _, key_id, quota in self.keys:
+            info = self.run(self.store.keys.find(key_id))
+            assert info.spent_tokens >= 0 and info.reserved_tokens >= 0
+            if quota is not None:
+                assert info.spent_tokens + info.reserved_tokens <= quota
+            held = sum(t for rid, (who, t) in self.open.items() if who.key_id == key_id)
+            assert info.reserved_tokens == held
+        rows = self.run(self.store.ledger.rows())
+        assert len(rows) == len({r.request_id for r in rows}) == len(self.settled)
+
+    def teardown(self) -> None:
+        if hasattr(self, "store"):
+            self.run(self.store.close())
+        self.loop.close()
+
+
+TestQuotaMachine = QuotaMachine.TestCase
+TestQuotaMachine.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)

@@ -1,0 +1,26 @@
+"""The rules of the house (docs: architecture.md), checked as import-linter contracts, and the CLI's help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_point_down_and_heavy_things_have_one_home() -> None:
+    out = subprocess.run([sys.executable, "-m", "importlinter.cli", "--config", str(ROOT / "pyproject.toml")],
+                         cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0 and "No module named importlinter.cli" in out.stderr:
+        out = subprocess.run(["lint-imports", "--config", str(ROOT / "pyproject.toml")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
+
+
+def test_every_command_explains_itself() -> None:
+    for args in (["--help"], ["serve", "--help"], ["tiny-model", "--help"], ["keys", "--help"],
+                 ["keys", "create", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "ting", *args], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0 and "usage: ting" in out.stdout, (args, out.stderr)
