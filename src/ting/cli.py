@@ -1,6 +1,9 @@
 """The `ting` command: the composition root.
 
   ting serve        run the server (DashScope and OpenAI APIs)
+  ting chat         ask about a recording (streams the answer; -i for a conversation)
+  ting transcribe   the words in a recording (text, srt, vtt or json)
+  ting keys         API keys, quotas and usage
   ting tiny-model   write the offline random-weight test checkpoint
 """
 
@@ -102,6 +105,101 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ting chat / ting transcribe (clients of a running server) ----------------------------------------------
+
+
+def _client_error(command: str, exc: Exception, url: str) -> int:
+    from ting.client import AuthenticationError, ConnectionFailed
+
+    if isinstance(exc, ConnectionFailed):
+        print(f"ting {command}: cannot reach {url}. Is `ting serve` running there? (set --url or TING_BASE_URL)",
+              file=sys.stderr)
+    elif isinstance(exc, AuthenticationError):
+        print(f"ting {command}: {exc}. Pass --api-key or set TING_API_KEY.", file=sys.stderr)
+    else:
+        print(f"ting {command}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ting.client import Client
+
+    return Client(args.url, args.api_key, model=args.model)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ting.client import TingError
+
+    client = _client(args)
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    try:
+        audio = args.audio
+        if args.interactive and not audio.startswith(("http://", "https://")):
+            audio = client.upload(audio)  # once, so follow-up questions do not send it again
+        history = None
+        prompt = args.prompt
+        first = True
+        while True:
+            if args.interactive and not (first and prompt):
+                try:
+                    prompt = input("> ").strip()
+                except EOFError:
+                    print()
+                    return 0
+                if not prompt:
+                    return 0
+            deltas = client.chat(prompt or None, audio=audio if first else None, history=history, system=args.system,
+                                 stream=True, **params)
+            text = ""
+            for delta in deltas:
+                text += delta.text
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if not args.interactive:
+                return 0
+            user = {"role": "user", "content": ([{"audio": audio}] if first else []) + ([{"text": prompt}] if prompt
+                                                                                         else [])}
+            history = [*(history or []), user, {"role": "assistant", "content": [{"text": text}]}]
+            first, prompt = False, None
+    except TingError as exc:
+        return _client_error("chat", exc, client.base_url)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    import json
+
+    from ting.client import TingError
+
+    client = _client(args)
+    try:
+        result = client.transcribe(args.audio, language=args.language, prompt=args.prompt, translate=args.translate,
+                                   response_format=args.format)
+    except TingError as exc:
+        return _client_error("transcribe", exc, client.base_url)
+    finally:
+        client.close()
+    if isinstance(result, str):
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    else:
+        print(json.dumps({"text": result.text, "duration": result.duration, "language": result.language,
+                          "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in result.segments]},
+                         ensure_ascii=False, indent=2))
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="server base URL (default: $TING_BASE_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="API key (default: $TING_API_KEY or $DASHSCOPE_API_KEY)")
+    p.add_argument("--model", default="qwen-audio-turbo-latest", help="model name (default: qwen-audio-turbo-latest)")
+
+
 # --- ting keys ------------------------------------------------------------------------------------------
 
 
@@ -194,6 +292,38 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="ask about a recording; the answer streams to the terminal",
+                       description="Ask the server about a recording (a file, or an http(s) URL the server may "
+                       "fetch). Without a prompt the recording itself is the question (voice chat).",
+                       epilog="examples:\n  ting chat meeting.wav \"What is said?\"\n  ting chat -i interview.mp3"
+                       "              # keep asking about the same recording\n  ting chat question.wav"
+                       "               # voice chat: the recording is the question",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("audio", help="audio file or http(s) URL")
+    p.add_argument("prompt", nargs="?", default=None, help="what to ask (optional)")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep asking follow-up questions (empty line ends)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=None, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy, up to 2")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same answer")
+    _client_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("transcribe", help="the words in a recording (text, srt, vtt or json)",
+                       description="Transcribe (or translate to English) a recording of up to 10 minutes; long "
+                       "recordings are cut into 30 s windows, each a subtitle cue.",
+                       epilog="examples:\n  ting transcribe talk.mp3\n  ting transcribe talk.mp3 --format srt > "
+                       "talk.srt\n  ting transcribe 会议.m4a --language zh --format vtt\n  ting transcribe "
+                       "interview.wav --translate",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("audio", help="audio file or http(s) URL")
+    p.add_argument("--format", choices=["text", "srt", "vtt", "json"], default="text", help="output (default text)")
+    p.add_argument("--language", default=None, help="the spoken language, as an ISO-639 code (en, zh, yue, ...)")
+    p.add_argument("--prompt", default=None, help="names or terms that may appear (helps spelling)")
+    p.add_argument("--translate", action="store_true", help="translate into English instead")
+    _client_options(p)
+    p.set_defaults(func=cmd_transcribe)
 
     keys = sub.add_parser("keys", help="API keys, quotas and usage",
                           description="Manage API keys in the server's database (the same --home / --database). "

@@ -20,7 +20,7 @@ from ting.audio import AudioLoader, Resolver, system_resolver
 from ting.config import Settings
 from ting.engine import Engine
 from ting.errors import NotReady
-from ting.service import ChatService, Models
+from ting.service import ChatService, Models, TranscriptionService
 from ting.store import HEARTBEAT_S, Store
 
 log = logging.getLogger("ting.server")
@@ -57,6 +57,9 @@ class Runtime:
         if self._service is None or self.state != "ready":
             raise NotReady(retry_after_s=5)
         return self._service
+
+    def transcription(self) -> TranscriptionService:
+        return TranscriptionService(self.service())
 
     @property
     def ready(self) -> bool:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from ting.api.openai.errors import error_response
-
-router = APIRouter()
+from ting.api.openai.routes import router
 
 __all__ = ["error_response", "router"]

@@ -1,0 +1,220 @@
+"""Transcripts and translations of whole recordings, on the same engine as chat.
+
+Qwen2-Audio hears 30 s at a time. A recording (up to --max-transcription-s) is cut into windows of at most
+30 s, each cut placed at the quietest 20 ms in the last 5 s before the limit so that words are rarely split;
+the windows are transcribed concurrently (the engine batches them) and joined. Each window is a timed
+segment, which is what SRT, WebVTT and verbose_json need.
+
+The Instruct model likes to wrap a transcript ("The original content of this audio is: '...'",
+"这段音频说的是：'...'"); `clean_transcript` takes such wrapping off so the transcript is the words alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ting.audio import billed_audio_tokens
+from ting.errors import AudioError, InvalidParameter, TingError
+from ting.service.chat import Call, ChatService
+from ting.store import Outcome
+from ting.types import (
+    MIN_SAMPLES,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    AudioClip,
+    AudioPart,
+    ChatRequest,
+    Message,
+    SamplingParams,
+    TextPart,
+    Usage,
+)
+
+SEARCH_SAMPLES = 5 * SAMPLE_RATE  # where to look for a quiet place to cut, before each 30 s limit
+FRAME_SAMPLES = 320  # 20 ms energy frames
+
+LANGUAGES = {
+    "en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "it": "Italian", "es": "Spanish",
+    "de": "German", "ja": "Japanese", "ko": "Korean", "ru": "Russian", "pt": "Portuguese", "ar": "Arabic",
+    "nl": "Dutch", "tr": "Turkish", "vi": "Vietnamese", "th": "Thai", "id": "Indonesian", "hi": "Hindi",
+}
+
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」", "『": "』", "《": "》"}
+_OPENING = "[\"'“‘「『《]"
+_PREAMBLE = re.compile(
+    r"""^\s*(?:
+      (?:sure|okay|ok|certainly|of\ course)[,!.]?\s*
+        (?:here\ (?:is|are)|here's)\ (?:the\ )?(?:transcription|transcript|translation|text)[^:：\n]*[:：]\s*
+    | (?:here\ (?:is|are)|here's)\ (?:the\ )?(?:transcription|transcript|translation|text)[^:：\n]*[:：]\s*
+    | (?:the\ )?(?:original\ )?(?:content|speech|words|transcription|transcript|text)
+        \ (?:of|in)\ (?:this|the)\ (?:audio|speech|recording|clip)(?:\ (?:is|says|reads|goes))?
+        \s*(?:[:：]\s*|(?=OPEN))
+    | (?:in\ )?(?:the|this)\ (?:audio|recording|clip)[,]?\ (?:the\ )?(?:speaker|person|man|woman|voice)?\s*
+        (?:says|said|is\ saying|states)\s*(?:[:：]\s*|(?=OPEN))
+    | (?:the\ )?(?:speaker|person|man|woman|voice)\ (?:says|said|is\ saying|states)\s*(?:[:：]\s*|(?=OPEN))
+    | (?:transcription|transcript|translation|english\ translation)\s*[:：]\s*
+    | (?:这段|该|此|这个)?(?:音频|语音|录音)(?:中|里)?(?:的)?(?:原始)?(?:内容)?
+        (?:是|说的是|说的|讲的是|为|说)\s*(?:[:：]\s*|(?=OPEN))
+    | (?:说话人|说话者|他|她)(?:说的是|说)\s*(?:[:：]\s*|(?=OPEN))
+    | (?:转写|转录|识别|翻译)(?:结果|内容|文本)?(?:是|为)?\s*[:：]\s*
+    )""".replace("OPEN", _OPENING),
+    re.X | re.I,
+)
+
+
+def clean_transcript(text: str) -> str:
+    """The words alone: no preamble ("The audio says: ..."), no quotation marks around them."""
+    out = text.strip()
+    match = _PREAMBLE.match(out)
+    if match and match.end() < len(out):
+        out = out[match.end():].strip()
+    for _ in range(2):  # 'Hello.' and "'Hello'." both lose their quotes
+        if len(out) >= 2 and out[0] in _QUOTES:
+            closing = _QUOTES[out[0]]
+            body, tail = (out[1:-1], "") if out.endswith(closing) else (out[1:-2], out[-1])
+            if (out.endswith(closing) or (out[-2] == closing and tail in ".。!！?？")) and closing not in body:
+                out = (body + tail).strip()
+                continue
+        break
+    return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    task: str  # transcribe | translate
+    text: str
+    segments: tuple[Segment, ...]
+    language: str | None  # as asked for (the model does not report one)
+    duration_s: float
+    usage: Usage
+
+
+def windows(samples: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of at most 30 s, cut at the quietest 20 ms before each limit."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while len(samples) - start > WINDOW_SAMPLES:
+        lo, hi = start + WINDOW_SAMPLES - SEARCH_SAMPLES, start + WINDOW_SAMPLES
+        frames = samples[lo:hi].reshape(-1, FRAME_SAMPLES)
+        cut = lo + int(np.argmin((frames.astype(np.float64) ** 2).mean(axis=1))) * FRAME_SAMPLES
+        spans.append((start, cut))
+        start = cut
+    if len(samples) - start >= MIN_SAMPLES or not spans:
+        spans.append((start, len(samples)))
+    return spans
+
+
+def instruction(task: str, language: str | None, prompt: str | None, target: str) -> str:
+    spoken = f" (spoken in {LANGUAGES.get(language, language)})" if language else ""
+    if task == "translate":
+        text = (f"Translate the speech in this audio{spoken} into {LANGUAGES.get(target, target)}. "
+                f"Reply with the translation only: no introduction, no explanation, no quotation marks.")
+    else:
+        text = (f"Transcribe the speech in this audio{spoken} exactly as it is spoken. "
+                f"Reply with the transcript only: no introduction, no explanation, no quotation marks.")
+    if prompt:
+        text += f"\nContext that may help with names and spelling: {prompt.strip()[:1000]}"
+    return text
+
+
+def _join(parts: list[str]) -> str:
+    out = ""
+    for part in (p for p in parts if p):
+        if out and not (_cjk(out[-1]) and _cjk(part[0])):
+            out += " "
+        out += part
+    return out
+
+
+def _cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af" or "\uff00" <= ch <= "\uffef"
+
+
+class TranscriptionService:
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
+
+    async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
+                  prompt: str | None = None, temperature: float | None = None, target: str = "en") -> Transcript:
+        """Transcribe (or translate) a whole recording: one request, one ledger row."""
+        svc = self.chat
+        started = time.monotonic()
+        who = await svc.store.keys.authenticate(call.token)
+        call.log.update(protocol=call.protocol, model=call.request.model, key=who.key_id or who.name, task=task)
+        try:
+            await svc.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
+        except TingError as exc:
+            call.log.update(outcome="refused", code=exc.code)
+            raise
+        usage, seconds = Usage(), 0.0
+        try:
+            limits = svc.models.get(call.request.model)
+            if temperature is not None and not 0.0 <= temperature <= 1.0:
+                raise InvalidParameter("temperature must be between 0 and 1.")
+            if language is not None and not re.fullmatch(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?", language):
+                raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.")
+            limit_s = svc.settings.max_transcription_s
+            clip = await svc.audio.pool.decode(data, max_seconds=limit_s)
+            if clip.truncated:
+                raise AudioError(f"The input audio is longer than {limit_s:g}s.")
+            seconds = clip.seconds
+            spans = windows(clip.samples)
+            text = instruction(task, language and language.lower(), prompt, target)
+            parts = [AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec)
+                     for a, b in spans]
+            prompts = await asyncio.gather(*(svc.engine.prepare(
+                (Message("user", (AudioPart("upload", p), TextPart(text))),)) for p in parts))
+            max_tokens = limits.max_output_tokens
+            params = SamplingParams(temperature=0.0 if temperature is None else temperature, max_tokens=max_tokens,
+                                    repetition_penalty=1.05)
+            samplings = [svc.engine.resolve(params, pr) for pr in prompts]
+            billed = [billed_audio_tokens(len(p.samples)) for p in parts]
+            most = sum(pr.text_tokens + b + s.max_tokens for pr, b, s in zip(prompts, billed, samplings, strict=True))
+            await svc.store.quota.reserve(who, call.request_id, most)
+
+            async def one(i: int) -> tuple[str, int]:
+                out, n = [], 0
+                async for chunk in svc.engine.generate(prompts[i], samplings[i], request_id=call.request_id):
+                    out.append(chunk.text)
+                    n = chunk.usage.output_tokens
+                return clean_transcript("".join(out)), n
+
+            results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+            usage = Usage(input_tokens=sum(p.text_tokens for p in prompts), audio_tokens=sum(billed),
+                          output_tokens=sum(n for _, n in results))
+            segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, t)
+                             for (a, b), (t, _) in zip(spans, results, strict=True))
+        except TingError as exc:
+            await svc.settle(call, who, Outcome("error", usage, seconds, exc.code, _ms(started)))
+            raise
+        except BaseException:
+            await svc.settle(call, who, Outcome("aborted", usage, seconds, "ClientClosedRequest", _ms(started)))
+            raise
+        await svc.settle(call, who, Outcome("ok", usage, seconds, None, _ms(started)))
+        return Transcript(task=task, text=_join([s.text for s in segments]), segments=segments, language=language,
+                          duration_s=round(seconds, 3), usage=usage)
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def transcription_call(model: str, protocol: str, token: str | None, request_id: str,
+                       log: dict[str, object] | None = None) -> Call:
+    """A Call for a transcription: its ChatRequest only names the model (the audio comes as bytes)."""
+    call = Call(ChatRequest(model=model, messages=()), protocol, token, request_id)
+    if log is not None:
+        call = replace(call, log=log)  # type: ignore[arg-type]
+    return call
