@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 import time
@@ -88,6 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     log.info("Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
              __version__, settings.host, settings.port, settings.host, settings.port, settings.model)
+    # uvicorn drains in-flight requests on SIGTERM / SIGINT, then raises the signal again so the exit status shows
+    # it; after a clean drain Ting exits 0 instead. (A second signal during the drain still forces the exit.)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s), proxy_headers=True,
                 forwarded_allow_ips="127.0.0.1", lifespan="on")

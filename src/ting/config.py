@@ -74,6 +74,8 @@ class Settings:
     home: str = _opt("", "Data directory (database, uploads). Default: $XDG_DATA_HOME/ting.")
     database: str = _opt("", "Database URL: sqlite:///path or postgresql://user:pass@host/db. Default: "
                          "SQLite in the data directory.", secret=True)
+    instance_id: str = _opt("", "This server's name among replicas sharing a database. Default: host:port, so a "
+                            "restarted server releases what it left in flight at once.")
     require_oss_resolve: bool = _opt(True, "Refuse oss:// audio unless the request carries "
                                      "X-DashScope-OssResourceResolve: enable, as DashScope does.")
     upload_ttl_s: float = _opt(48 * 3600.0, "Seconds an uploaded file is kept.")

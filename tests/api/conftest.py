@@ -26,9 +26,9 @@ from ting.config import Settings
 class LiveServer:
     """uvicorn on a loopback socket, in a thread of its own."""
 
-    def __init__(self, settings: Settings, engine: Any) -> None:
+    def __init__(self, settings: Settings, engine: Any = None, runtime: Runtime | None = None) -> None:
         self.settings = settings
-        self.runtime = Runtime(settings, engine=engine)
+        self.runtime = runtime or Runtime(settings, engine=engine)
         self.app = create_app(settings, self.runtime)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,8 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_url, home=settings.home_path, static_keys=settings.api_key,
-                                    upload_ttl_s=settings.upload_ttl_s)
+                                    upload_ttl_s=settings.upload_ttl_s,
+                                    instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}")
         self.audio = AudioLoader.from_settings(settings, self.store.files, resolver=resolver)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine

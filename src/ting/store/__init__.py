@@ -47,8 +47,8 @@ class Store:
         if applied:
             log.info("database migrated: %s", ", ".join(applied))
         if server:
+            released = await self.quota.recover(everyone_else=self.db.dialect == "sqlite", starting=True)
             await self.quota.heartbeat()
-            released = await self.quota.recover(everyone_else=self.db.dialect == "sqlite")
             if released:
                 log.warning("released %d reservations left by a server that stopped mid-request", released)
 

@@ -168,18 +168,25 @@ class Quota:
             if updated.rowcount == 0:
                 await conn.execute(instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now))
 
-    async def recover(self, *, everyone_else: bool = False, now: float | None = None) -> int:
+    async def recover(self, *, everyone_else: bool = False, starting: bool = False, now: float | None = None) -> int:
         """Release reservations left by dead servers; returns how many.
 
         `everyone_else`: every other server is dead (SQLite, where one server owns the database file).
-        Otherwise a server is dead when its heartbeat is older than STALE_S.
+        Otherwise a server is dead when its heartbeat is older than STALE_S. `starting`: this server has nothing
+        in flight yet, so whatever is under its own name was left by its previous life (killed, restarted).
         """
         now = time.time() if now is None else now
         async with self.db.write() as conn:
-            alive = sa.select(instances.c.id).where(instances.c.heartbeat_at >= now - STALE_S)
-            query = sa.select(reservations.c.request_id).where(reservations.c.instance_id != self.instance_id)
-            if not everyone_else:
-                query = query.where(reservations.c.instance_id.not_in(alive))
+            alive = sa.select(instances.c.id).where(instances.c.heartbeat_at >= now - STALE_S,
+                                                    instances.c.id != self.instance_id)
+            if everyone_else:
+                query = sa.select(reservations.c.request_id)
+                if not starting:
+                    query = query.where(reservations.c.instance_id != self.instance_id)
+            else:
+                query = sa.select(reservations.c.request_id).where(reservations.c.instance_id.not_in(alive))
+                if not starting:
+                    query = query.where(reservations.c.instance_id != self.instance_id)
             orphans = [row.request_id for row in await conn.execute(query)]
             for request_id in orphans:
                 await self._settle(conn, request_id, Outcome("interrupted", error_code="ServerRestarted"), now)

@@ -65,6 +65,8 @@ async def _events(gen: Generation, incremental: bool, heartbeat_s: float) -> Asy
                 continue  # a token that completed no character yet
             n += 1
             data = stream_body(chunk.text if incremental else text, chunk.finish_reason, chunk.usage, gen.request_id)
+            if chunk.finish_reason is not None:
+                await shielded(gen.close)  # the ledger has it before the client sees the end
             yield f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{dumps(data)}\n\n".encode()
     except TingError as exc:
         n += 1

@@ -72,6 +72,7 @@ async def _chunks(gen: Generation, model: str, include_usage: bool, heartbeat_s:
             if chunk.text:
                 yield _data(chunk_body(rid, model, created, {"content": chunk.text}, None, include_usage))
             if chunk.finish_reason is not None:
+                await shielded(gen.close)  # the ledger has it before the client sees the end
                 yield _data(chunk_body(rid, model, created, {}, chunk.finish_reason, include_usage))
         if include_usage:
             yield _data(usage_chunk_body(rid, model, created, gen.usage))
