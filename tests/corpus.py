@@ -140,6 +140,9 @@ FORMATS: dict[str, tuple[Builder, str, str, float]] = {
     "wav_stereo_48k_f32": (lambda s, d: ffmpeg(s, d, "-ac", "2", "-ar", "48000", "-c:a", "pcm_f32le", "-f", "wav"),
                            "wav", "pcm_f32le", 0.005),
     "wav_8k": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_s16le", "-f", "wav"), "wav", "pcm_s16le", 0.005),
+    "wav_mulaw": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_mulaw", "-f", "wav"), "wav", "pcm_mulaw",
+                  0.005),
+    "wav_alaw": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_alaw", "-f", "wav"), "wav", "pcm_alaw", 0.005),
     "wav_gsm_ms": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-ac", "1", "-c:a", "libgsm_ms", "-f", "wav"), "wav",
                    "gsm_ms", 0.045),  # 40 ms GSM blocks
     "amr_nb": (lambda s, d: pyav_encode(s, d, "amr", "libopencore_amrnb", 8000, 12200), "amr", "amr_nb", 0.025),

@@ -70,6 +70,15 @@ async def test_batched_with_others_of_different_lengths_the_tokens_do_not_change
     assert engine.stats.steps - steps_before < (generated - len(got)) // 2
 
 
+async def test_prompts_prefilled_together_in_one_pass_still_give_generates_tokens(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.1)
+    expected = [reference(m, 1.1) for m in PROMPTS]
+    before = engine.backend.batched_prefills
+    got = await asyncio.gather(*(run(engine, m, params) for m in PROMPTS))  # all at once: admitted together
+    assert engine.backend.batched_prefills > before
+    assert got == expected
+
+
 @pytest.mark.parametrize("seconds", [0.03, 0.5, 5.0, 17.3, 30.0, 45.0])
 def test_the_encoder_over_a_clips_own_frames_matches_the_full_window(engine, seconds: float) -> None:  # type: ignore[no-untyped-def]
     """The backend encodes only a clip's frames; transformers encodes the whole 30 s window."""

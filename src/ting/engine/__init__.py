@@ -24,7 +24,7 @@ TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on fi
 
 class Engine:
     def __init__(self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_token_budget: int = 2048) -> None:
+                 prefill_token_budget: int = 1024) -> None:
         self.backend = backend
         self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
                                    prefill_token_budget=prefill_token_budget)

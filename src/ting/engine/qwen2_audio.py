@@ -215,11 +215,19 @@ class SlotCache:
     def begin_prefill(self, row: int) -> None:
         self._mode = ("prefill", row)
 
+    def begin_batch_prefill(self, rows: torch.Tensor) -> None:
+        self._mode = ("batch", rows)
+
     def begin_step(self, rows: int, positions: torch.Tensor, kv_len: int) -> None:
         self._mode = ("step", rows, positions, kv_len, torch.arange(rows, device=self.device))
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode[0] == "batch":  # several prompts, right-padded to one length, each into its own row
+            rows, length = self._mode[1], key.shape[2]
+            k[rows, :, :length] = key
+            v[rows, :, :length] = value
+            return key, value
         if self._mode[0] == "prefill":
             row, length = self._mode[1], key.shape[2]
             k[row, :, :length] = key[0]
@@ -259,13 +267,17 @@ class Qwen2AudioBackend:
         max_model_len: int,
         path: Path | None = None,
         cpu_blocked_weights: bool = True,
+        batch_prefill: bool = True,
     ) -> None:
         self.model, self.processor = model, processor
+        self.batch_prefill = batch_prefill
+        self.batched_prefills = 0  # prefills that took several prompts in one pass
         self.device, self.dtype, self.path = device, dtype, path
         self.tokenizer = processor.tokenizer
         text = model.config.text_config
         self.max_model_len = min(max_model_len, text.max_position_embeddings)
         self.audio_token_id = model.config.audio_token_id
+        self.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else 0
         self.vocab_size = text.vocab_size
         eos = generation.eos_token_id if generation.eos_token_id is not None else text.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
@@ -329,10 +341,53 @@ class Qwen2AudioBackend:
             raise RuntimeError("no free KV-cache slot")
         with torch.inference_mode():
             audio = self._encode_audio([prompt for _, prompt, _ in items])
+        if len(items) > 1 and self.batch_prefill:
+            self.batched_prefills += 1
+            with torch.inference_mode():
+                tokens = self._prefill_batch(items, audio)
+            yield from zip((seq_id for seq_id, _, _ in items), tokens, strict=True)
+            return
         for (seq_id, prompt, sampling), features in zip(items, audio, strict=True):
             with torch.inference_mode():
                 token = self._prefill_one(seq_id, prompt, sampling, features)
             yield seq_id, token
+
+    def _prefill_batch(self, items: Sequence[tuple[int, Prompt, Sampling]],
+                       audio: list[torch.Tensor | None]) -> list[int]:
+        """Several prompts in one forward pass: right-padded, a causal mask that also hides the padding.
+
+        Larger matrix products than one prompt at a time (on CPU about a quarter faster per token), at the cost of
+        their first tokens going out together. A lone prompt takes _prefill_one, the pass `generate()` makes.
+        """
+        lengths = torch.tensor([len(p.token_ids) for _, p, _ in items], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        for i, (_, prompt, _) in enumerate(items):
+            ids[i, : len(prompt.token_ids)] = torch.tensor(prompt.token_ids, device=self.device)
+        embeds = self.embed(ids)
+        for i, features in enumerate(audio):
+            if features is not None:
+                mask = (ids[i] == self.audio_token_id).unsqueeze(-1)
+                embeds[i] = embeds[i].masked_scatter(mask, features.to(embeds.dtype))
+        first_row = len(self._rows)
+        rows = torch.arange(first_row, first_row + len(items), device=self.device)
+        positions = torch.arange(width, device=self.device)
+        causal = positions[None, :] <= positions[:, None]
+        visible = causal[None, None] & (positions[None, :] < lengths[:, None])[:, None, None, :]
+        self.cache.reserve(width + 1)
+        self.cache.begin_batch_prefill(rows)
+        hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": visible},
+                         position_ids=positions[None].expand(len(items), width), past_key_values=self.cache,
+                         use_cache=True).last_hidden_state
+        last = hidden[torch.arange(len(items), device=self.device), lengths - 1]
+        _Decoding.active = True
+        try:
+            logits = self.model.lm_head(last)
+        finally:
+            _Decoding.active = False
+        for i, (seq_id, prompt, sampling) in enumerate(items):
+            self._start_row(first_row + i, seq_id, prompt, sampling)
+        return self._sample(logits, rows.tolist())
 
     def _prefill_one(self, seq_id: int, prompt: Prompt, sampling: Sampling, features: torch.Tensor | None) -> int:
         row = len(self._rows)

@@ -65,7 +65,7 @@ class Scheduler:
         *,
         max_batch_size: int = 16,
         max_queue: int = 256,
-        prefill_token_budget: int = 2048,  # prompt tokens prefilled between two decoding steps (at least one prompt)
+        prefill_token_budget: int = 1024,  # prompt tokens prefilled between two decoding steps (at least one prompt)
     ) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
