@@ -30,25 +30,24 @@ def temporary_server() -> Iterator[str]:
     root = tempfile.mkdtemp(prefix="ting-pg-")
     data, sockets = os.path.join(root, "data"), os.path.join(root, "sock")
     os.makedirs(sockets)
-    as_postgres: list[str] = []
+    as_postgres: dict[str, str] = {}
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
+        as_postgres = {"user": "postgres", "group": "postgres"}
+        shutil.chown(root, "postgres", "postgres")
+        shutil.chown(sockets, "postgres", "postgres")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = dict(check=True, capture_output=True)
-    subprocess.run([*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                    "--no-sync"], **run)
+    run = dict(check=True, capture_output=True, cwd=root, **as_postgres)
+    subprocess.run([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], **run)
     options = f"-p {port} -h 127.0.0.1 -k {sockets} -c fsync=off -c max_connections=300"
-    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"),
-                    "-w", "-t", "60", "start"], **run)
+    subprocess.run([f"{bindir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "-t", "60",
+                    "start"], **run)
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run([f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True, cwd=root,
+                       **as_postgres)
         shutil.rmtree(root, ignore_errors=True)
 
 
