@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
@@ -49,6 +51,27 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
                                                f"parameters. {where}: {first.get('msg', '')}".strip()))
 
 
+class _Playground(StaticFiles):
+    """The web playground's static files, with a strict Content-Security-Policy (same origin only)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; media-src 'self' blob: data:; connect-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def _mount_playground(app: FastAPI) -> None:
+    app.mount("/playground", _Playground(directory=Path(__file__).resolve().parent.parent / "web", html=True),
+              name="playground")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/playground/")
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     if runtime is None:
         def load() -> Engine:
@@ -72,6 +95,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(dashscope.router)
     app.include_router(openai.router)
     app.include_router(health.router)
+    _mount_playground(app)
 
     @app.exception_handler(TingError)
     async def ting_error(request: Request, exc: TingError) -> Response:
