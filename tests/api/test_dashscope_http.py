@@ -337,11 +337,22 @@ def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: s
     assert engine.stats.aborted == aborted + 1
 
 
-def test_keep_alive_comments_during_silence_do_not_disturb_the_events(engine, tmp_path: Path, wav: str) -> None:  # type: ignore[no-untyped-def]
-    with live_server(engine, tmp_path, heartbeat_s=0.0005) as s:
-        r = post(s, request(wav, temperature=0, max_tokens=16, incremental_output=True), stream=True)
-        plain = post(s, request(wav, temperature=0, max_tokens=16)).json()
-    assert ":keepalive\n\n" in r.text
+def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: ignore[no-untyped-def]
+        engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every decoding step takes 0.2 s, ten heartbeat periods: silence that no machine can be too fast or slow for.
+    backend = engine.scheduler.backend
+    real_step = backend.step
+
+    def slow_step():  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return real_step()
+
+    with live_server(engine, tmp_path, heartbeat_s=0.02) as s:
+        plain = post(s, request(wav, temperature=0, max_tokens=4)).json()
+        monkeypatch.setattr(backend, "step", slow_step)
+        r = post(s, request(wav, temperature=0, max_tokens=4, incremental_output=True), stream=True)
+        monkeypatch.undo()
+    assert r.text.count(":keepalive\n\n") >= 4
     texts = [d["output"]["choices"][0]["message"]["content"][0]["text"] for *_, d in events(r.text)]
     assert "".join(texts) == plain["output"]["choices"][0]["message"]["content"][0]["text"]
 
