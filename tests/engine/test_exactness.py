@@ -101,3 +101,34 @@ def test_the_encoder_over_a_clips_own_frames_matches_the_full_window(engine, sec
         full = full[0, : int(tokens[0])]
     assert mine.shape == full.shape == (prompt.audio_tokens[0], full.shape[-1])
     assert torch.allclose(mine, full, rtol=1e-4, atol=1e-4), float((mine - full).abs().max())
+
+
+async def test_without_room_for_a_blocked_weight_copy_batched_steps_take_the_chunked_path_and_stay_exact(  # type: ignore[no-untyped-def]
+        tiny_dir: Path, reference, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ting.engine import Engine, qwen2_audio
+
+    assert (qwen2_audio.available_memory_bytes() or 0) > 0
+    monkeypatch.setattr(qwen2_audio, "available_memory_bytes", lambda: 1024**3)  # 1 GiB: less than the headroom
+    with caplog.at_level("WARNING", logger="ting.engine"):
+        engine = Engine.load(str(tiny_dir), max_batch_size=8)
+    assert "does not fit" in caplog.text
+    linears = [m for m in engine.backend.lm.modules() if type(m) is torch.nn.Linear]
+    assert linears and not any(hasattr(m, "_ting_blocked") for m in linears)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.1)
+    expected = [reference(m, 1.1) for m in PROMPTS]
+    engine.start()
+    try:
+        steps_before = engine.stats.steps
+        got = await asyncio.gather(*(run(engine, m, params, delay_s=0.01 * i) for i, m in enumerate(PROMPTS * 2)))
+        assert engine.stats.steps - steps_before < sum(len(t) for t in got) // 2  # really batched
+    finally:
+        engine.stop()
+    assert got == expected * 2
+
+
+def test_with_room_the_blocked_copy_is_made(tiny_dir: Path) -> None:
+    from ting.engine import qwen2_audio
+
+    backend = qwen2_audio.load(str(tiny_dir), max_batch_size=2)
+    linears = [m for m in backend.lm.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(hasattr(m, "_ting_blocked") for m in linears)

@@ -144,8 +144,9 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
     MKL's GEMM for x @ W.T with 2 to 64 rows repacks all of W on every call. oneDNN with the weight kept in its
     blocked layout does not (a second copy of the weights, made once); without oneDNN, W @ x.T taken 1024 rows
-    of W at a time avoids most of it. Either makes a batched CPU step 1.5 to 3 times faster (bench/RESULTS.md).
-    Prefill and single-row steps keep transformers' own path.
+    of W at a time avoids most of it. At 4 to 64 rows of the real model's shapes the blocked product is 1.3 to 4.2
+    times faster than MKL's, the chunked one 1.1 to 2.5 times (bench/linear.py, bench/RESULTS.md). The blocked
+    copy is made only where it fits in memory. Prefill and single-row steps keep transformers' own path.
     """
     rows = x.numel() // x.shape[-1]
     if _Decoding.active and 1 < rows <= 64:
@@ -161,6 +162,39 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             out += self.bias[:, None]
         return out.t().reshape(*x.shape[:-1], self.out_features)
     return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, or less under a cgroup (container) limit."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+BLOCKED_COPY_HEADROOM = 2 * 1024**3  # left free after the blocked copy: activations, KV cache, decoding, the server
+
+
+def _blocked_copy_fits(modules: Sequence[torch.nn.Module]) -> bool:
+    """Whether a second, blocked copy of these modules' Linear weights fits in memory (with headroom)."""
+    need = sum(m.weight.numel() * m.weight.element_size() for module in modules for m in module.modules()
+               if type(m) is torch.nn.Linear)
+    available = available_memory_bytes()
+    if available is None or need + BLOCKED_COPY_HEADROOM <= available:
+        return True
+    log.warning("batched CPU steps use chunked products: a blocked copy of the weights (%.1f GiB) does not fit in "
+                "the %.1f GiB of memory available", need / 2**30, available / 2**30)
+    return False
 
 
 def _use_skinny_linear(model: torch.nn.Module, blocked: bool) -> None:
@@ -289,7 +323,8 @@ class Qwen2AudioBackend:
         )
         self.lm = model.model.language_model
         if device.type == "cpu":
-            blocked = dtype == torch.float32 and torch.backends.mkldnn.is_available() and cpu_blocked_weights
+            blocked = (dtype == torch.float32 and torch.backends.mkldnn.is_available() and cpu_blocked_weights
+                       and _blocked_copy_fits([self.lm, model.lm_head]))
             _use_skinny_linear(self.lm, blocked)
             _use_skinny_linear(model.lm_head, blocked)
         self.embed = self.lm.get_input_embeddings()
