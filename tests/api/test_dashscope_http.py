@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -335,6 +336,64 @@ def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: s
     while engine.stats.aborted == aborted and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.stats.aborted == aborted + 1
+
+
+@pytest.mark.parametrize("path", ["/api/v1/services/aigc/multimodal-generation/generation",
+                                  "/v1/audio/transcriptions"])
+def test_a_client_that_hangs_up_before_a_plain_answer_is_ready_aborts_it_quietly(  # type: ignore[no-untyped-def]
+        engine, tmp_path: Path, wav: str, path: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    backend = engine.scheduler.backend
+    real_step = backend.step
+
+    def slow_step():  # type: ignore[no-untyped-def]
+        time.sleep(0.1)
+        return real_step()
+
+    aborted = engine.stats.aborted
+    with live_server(engine, tmp_path) as s, caplog.at_level(logging.INFO):
+        monkeypatch.setattr(backend, "step", slow_step)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the slow answer is done
+            if path.endswith("/generation"):
+                post(s, request(wav, max_tokens=200, temperature=0), timeout=1.0)
+            else:
+                audio = base64.b64decode(wav.split(",", 1)[1])
+                httpx.post(s.url + path, headers={"Authorization": "Bearer sk-test"}, timeout=1.0,
+                           files={"file": ("a.wav", audio)}, data={"model": "qwen-audio-turbo"})
+        deadline = time.monotonic() + 10
+        while engine.stats.aborted == aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        monkeypatch.undo()
+        time.sleep(0.3)
+    assert engine.stats.aborted == aborted + 1
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ting.access"]
+    line = next(a for a in access if a["path"] == path)
+    assert line["status"] == 499 and line["outcome"] == "aborted" and line["code"] == "ClientClosedRequest"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a hang-up is no server error
+
+
+def test_a_hang_up_during_admission_still_leaves_exactly_one_settled_ledger_row(  # type: ignore[no-untyped-def]
+        engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with live_server(engine, tmp_path) as s:
+        quota = s.runtime.store.quota
+        real_admit = quota.admit
+
+        async def slow_admit(*args, **kwargs):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(1.0)  # the client gives up meanwhile
+            return await real_admit(*args, **kwargs)
+
+        monkeypatch.setattr(quota, "admit", slow_admit)
+        audio = base64.b64decode(wav.split(",", 1)[1])
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/audio/transcriptions", headers={"Authorization": "Bearer sk-test"}, timeout=0.3,
+                       files={"file": ("a.wav", audio)}, data={"model": "qwen-audio-turbo"})
+        deadline = time.monotonic() + 10
+        rows: list[Any] = []
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+            rows = [r for r in s.run(s.runtime.store.ledger.rows()) if r.status != "pending"]
+        assert [(r.status, r.error_code) for r in rows] == [("aborted", "ClientClosedRequest")]
+        assert s.run(quota.in_flight()) == 0
 
 
 def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from ting import __version__
 from ting.api import dashscope, health, openai
 from ting.api.middleware import BodyLimit, RequestContext
 from ting.api.runtime import Runtime
+from ting.api.streaming import ClientGone
 from ting.config import Settings
 from ting.engine import Engine
 from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
@@ -112,6 +113,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         error = TingError(str(exc.detail))
         error.status, error.code = exc.status_code, "InvalidParameter" if exc.status_code < 500 else "InternalError"
         return _response(request, error)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it; the access log does
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

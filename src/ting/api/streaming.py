@@ -38,20 +38,32 @@ async def with_heartbeats(source: AsyncIterator[T], every_s: float) -> AsyncIter
                 await pending
 
 
+class ClientGone(Exception):
+    """The client hung up before its (non-streaming) answer was ready; the work was cancelled."""
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client hangs up first, cancel it (the request is then aborted)."""
+    """Run `work`; if the client hangs up first, cancel it (the request is then aborted) and raise ClientGone."""
     task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if gone and (current is None or not current.cancelling()):  # we cancelled the work, nobody cancelled us
+            raise ClientGone() from None
+        raise
     finally:
         watcher.cancel()
 
