@@ -52,6 +52,8 @@ class Result:
     wall_s: float
     ttft_s: list[float]
     decode_tok_s: list[float]  # per request, tokens after the first / time after the first
+    peak_memory_gib: float = 0.0  # CPU: the process's peak RSS; CUDA: peak memory allocated by torch
+
 
     @property
     def throughput(self) -> float:
@@ -59,6 +61,22 @@ class Result:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.ttft_s, q))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def make_request(i: int, seconds: float) -> tuple[Message, ...]:
@@ -130,9 +148,12 @@ async def drive(system: str, concurrency: int, per_client: int, seconds: float, 
         for k in range(per_client):
             await one(c * per_client + k)
 
+    device = (reference.backend if reference is not None else engine.backend).device  # type: ignore[union-attr]
+    reset_peak_memory(device)
     started = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(concurrency)))
-    return Result(system, concurrency, concurrency * per_client, total, time.perf_counter() - started, ttft, decode)
+    wall = time.perf_counter() - started
+    return Result(system, concurrency, concurrency * per_client, total, wall, ttft, decode, peak_memory_gib(device))
 
 
 def prepare_model(name: str) -> Path:
@@ -166,7 +187,9 @@ async def main() -> None:
     info = backend.describe()
     print(f"# engine bench: {args.model} ({info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}) on "
           f"{args.device}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
-          f"{args.per_client} requests per client; loaded in {load_s:.1f} s", flush=True)
+          f"{args.per_client} requests per client; loaded in {load_s:.1f} s; "
+          f"{'peak memory' if args.device.startswith('cuda') else 'RSS'} after loading "
+          f"{peak_memory_gib(backend.device):.2f} GiB", flush=True)
     engine = Engine(backend, max_batch_size=max(levels), max_queue=10_000)
     engine.start()
     reference = Reference(backend)
@@ -186,17 +209,19 @@ async def main() -> None:
     engine.stop()
     print()
     print("| concurrency | reference tok/s | Ting tok/s | throughput × | reference TTFT p50 / p95 (s) | "
-          "Ting TTFT p50 / p95 (s) | TTFT p50 ratio | Ting decode tok/s per stream |")
-    print("|---|---|---|---|---|---|---|---|")
+          "Ting TTFT p50 / p95 (s) | TTFT p50 ratio | Ting decode tok/s per stream | "
+          "peak memory GiB reference / Ting |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c, ref, ting in rows:
         if ref is not None:
             ratio = ting.throughput / ref.throughput
             print(f"| {c} | {ref.throughput:.2f} | {ting.throughput:.2f} | **{ratio:.2f}** | "
                   f"{ref.pct(50):.2f} / {ref.pct(95):.2f} | {ting.pct(50):.2f} / {ting.pct(95):.2f} | "
-                  f"{ting.pct(50) / ref.pct(50):.2f} | {statistics.median(ting.decode_tok_s):.1f} |")
+                  f"{ting.pct(50) / ref.pct(50):.2f} | {statistics.median(ting.decode_tok_s):.1f} | "
+                  f"{ref.peak_memory_gib:.2f} / {ting.peak_memory_gib:.2f} |")
         else:
             print(f"| {c} | (skipped) | {ting.throughput:.2f} | – | – | {ting.pct(50):.2f} / {ting.pct(95):.2f} | – | "
-                  f"{statistics.median(ting.decode_tok_s):.1f} |")
+                  f"{statistics.median(ting.decode_tok_s):.1f} | – / {ting.peak_memory_gib:.2f} |")
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.device.startswith("cuda"):

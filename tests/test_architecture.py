@@ -21,3 +21,9 @@ def test_every_command_explains_itself() -> None:
                  ["keys", "create", "--help"]):
         out = subprocess.run([sys.executable, "-m", "ting", *args], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "usage: ting" in out.stdout, (args, out.stderr)
+
+
+def test_the_code_is_lint_clean() -> None:
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "bench"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
