@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ting import errors
 from ting.store import Outcome, Store
 from ting.store.db import api_keys, ledger, reservations
+from ting.store.quota import WINDOW_S
 from ting.types import Usage
 
 
@@ -133,8 +134,52 @@ async def test_requests_per_minute_with_retry_after(store: Store) -> None:
         await store.quota.admit(who, f"r{i}", model="m", protocol="dashscope", now=t0 + i)
     with pytest.raises(errors.RateLimited) as info:
         await store.quota.admit(who, "r3", model="m", protocol="dashscope", now=t0 + 3)
-    assert (info.value.status, info.value.code, info.value.retry_after_s) == (429, "Throttling.RateQuota", 47)
-    await store.quota.admit(who, "r4", model="m", protocol="dashscope", now=t0 + 50)  # the next minute
+    # 3 requests this minute: the next fits once the minute is over and some of it has slid out of the last 60 s
+    assert (info.value.status, info.value.code, info.value.retry_after_s) == (429, "Throttling.RateQuota", 48)
+    with pytest.raises(errors.RateLimited):
+        await store.quota.admit(who, "r4", model="m", protocol="dashscope", now=t0 + 50)  # the minute's boundary
+    await store.quota.admit(who, "r5", model="m", protocol="dashscope", now=t0 + 3 + 48)
+
+
+async def test_no_double_burst_across_a_minutes_boundary(store: Store) -> None:
+    key, _ = await store.keys.create(rpm=4)
+    who = await store.keys.authenticate(key)
+    t0 = 1_800_000_000.0 + 59  # the last second of a minute
+    for i in range(4):
+        await store.quota.admit(who, f"late{i}", model="m", protocol="dashscope", now=t0)
+    # Two seconds later, whole-minute windows would let 4 more through; 4 x 58/60 of the last 60 s leave room for 1.
+    await store.quota.admit(who, "early", model="m", protocol="dashscope", now=t0 + 2)
+    with pytest.raises(errors.RateLimited) as info:
+        await store.quota.admit(who, "early2", model="m", protocol="dashscope", now=t0 + 2)
+    assert info.value.retry_after_s == 15  # then over a quarter of the previous minute has slid out: room for 2
+    await store.quota.admit(who, "later", model="m", protocol="dashscope", now=t0 + 2 + 15)
+
+
+async def test_retry_after_is_exact(store: Store) -> None:
+    """Whatever came before: a request at refusal + Retry-After fits, and one a second earlier does not."""
+    start, refusals = 1_800_000_000.0, 0
+    for case, (rpm, gaps) in enumerate([(1, [0, 7, 30, 0.5]), (2, [0, 20, 30, 5, 1]), (3, [0, 0, 40, 11, 0, 13]),
+                                        (5, [0, 3, 3, 3, 3, 3, 3, 50, 1, 1, 1, 1, 1]), (2, [58, 0.9, 0.2, 61, 0])]):
+        key, _ = await store.keys.create(rpm=rpm)
+        who = await store.keys.authenticate(key)
+        now, n = start, 0
+        for gap in gaps:
+            now += gap
+            n += 1
+            try:
+                await store.quota.admit(who, f"{case}-{n}-a", model="m", protocol="dashscope", now=now)
+                await store.quota.settle(f"{case}-{n}-a", Outcome("ok"), now=now)
+                continue
+            except errors.RateLimited as refused:
+                retry, refusals = refused.retry_after_s, refusals + 1
+            assert retry is not None and 1 <= retry <= 2 * WINDOW_S
+            if retry > 1:
+                with pytest.raises(errors.RateLimited):
+                    await store.quota.admit(who, f"{case}-{n}-b", model="m", protocol="dashscope", now=now + retry - 1)
+            now += retry
+            await store.quota.admit(who, f"{case}-{n}-c", model="m", protocol="dashscope", now=now)
+            await store.quota.settle(f"{case}-{n}-c", Outcome("ok"), now=now)
+    assert refusals >= 8  # the cases do run into the limit
 
 
 async def test_concurrent_requests_per_key(store: Store) -> None:

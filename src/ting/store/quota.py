@@ -29,9 +29,24 @@ from ting.store.db import Database, api_keys, instances, ledger, rate_windows, r
 from ting.store.keys import Principal
 from ting.types import Usage
 
-WINDOW_S = 60  # requests-per-minute windows are whole minutes
+WINDOW_S = 60  # requests per minute: counted per whole minute, limited over a sliding one (_count_request)
 HEARTBEAT_S = 10.0  # how often a server says it is alive
 STALE_S = 45.0  # a server silent this long is dead: its reservations are released
+
+
+def _allowed(rpm: int, previous: int, elapsed: float) -> int:
+    """How many requests the current minute may hold: n + previous * (1 - elapsed) < rpm  <=>  n < allowed."""
+    return math.ceil(rpm - previous * (1.0 - elapsed))
+
+
+def _seconds_until_one_fits(rpm: int, counts: dict[int, int], now: float) -> int:
+    """Whole seconds until a request fits, with no other request meanwhile (at most two minutes: all slid out)."""
+    for wait in range(1, 2 * WINDOW_S):
+        t = now + wait
+        window = int(t // WINDOW_S)
+        if counts.get(window, 0) < _allowed(rpm, counts.get(window - 1, 0), (t - window * WINDOW_S) / WINDOW_S):
+            return wait
+    return 2 * WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -92,20 +107,35 @@ class Quota:
             if in_flight >= key.max_concurrency:
                 return ConcurrencyLimited()
         if key.rpm is not None:
-            window = int(now // WINDOW_S)
-            counted = await conn.execute(rate_windows.update().where(
-                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window,
-                rate_windows.c.requests < key.rpm).values(requests=rate_windows.c.requests + 1))
-            if counted.rowcount == 0:
-                exists = (await conn.execute(sa.select(rate_windows.c.requests).where(
-                    rate_windows.c.key_id == key_id, rate_windows.c.window_start == window))).first()
-                if exists is not None or key.rpm < 1:
-                    retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
-                    return RateLimited(retry_after_s=retry)
+            return await self._count_request(conn, key_id, key.rpm, now)
+        return None
+
+    async def _count_request(self, conn: AsyncConnection, key_id: str, rpm: int, now: float) -> TingError | None:
+        """Count a request against `rpm` over the last minute, or refuse it with the seconds until one fits.
+
+        A sliding-window counter: the requests of the current minute plus the previous minute's, weighted by how
+        much of the previous minute the last 60 s still cover. Unlike whole-minute windows it does not let a
+        burst of 2 x rpm through across a minute's boundary; two rows per key, one atomic conditional update.
+        """
+        window = int(now // WINDOW_S)
+        elapsed = (now - window * WINDOW_S) / WINDOW_S  # of the current minute, in [0, 1)
+        counts = dict((await conn.execute(sa.select(rate_windows.c.window_start, rate_windows.c.requests).where(
+            rate_windows.c.key_id == key_id, rate_windows.c.window_start >= window - 1))).all())
+        allowed = _allowed(rpm, counts.get(window - 1, 0), elapsed)
+        if counts.get(window, 0) < allowed:
+            if window not in counts:
                 await conn.execute(rate_windows.insert().values(key_id=key_id, window_start=window, requests=1))
                 await conn.execute(rate_windows.delete().where(rate_windows.c.key_id == key_id,
                                                                rate_windows.c.window_start < window - 1))
-        return None
+                return None
+            counted = await conn.execute(rate_windows.update().where(  # atomic: a concurrent count may have won
+                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window,
+                rate_windows.c.requests < allowed).values(requests=rate_windows.c.requests + 1))
+            if counted.rowcount == 1:
+                return None
+            counts[window] = (await conn.execute(sa.select(rate_windows.c.requests).where(
+                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window))).scalar_one()
+        return RateLimited(retry_after_s=_seconds_until_one_fits(rpm, counts, now))
 
     async def reserve(self, who: Principal, request_id: str, tokens: int) -> None:
         """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted."""
