@@ -152,16 +152,40 @@ class ChatService:
         self.settings, self.engine, self.audio, self.store, self.models = settings, engine, audio, store, models
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def start(self, call: Call) -> Generation:
+    async def admit(self, call: Call, **log: Any) -> Principal:
+        """Authenticate the caller and open the request's ledger row (or refuse it, with a row of its own).
+
+        A caller cancelled meanwhile (a client hanging up: Task.cancel() from the API layer) does not leave an
+        admitted, unsettled row behind for the next restart: the admission runs to its end, then the abort is
+        settled and the cancellation goes on.
+        """
         started = time.monotonic()
-        who = await self.store.keys.authenticate(call.token)
-        request = call.request
-        call.log.update(protocol=call.protocol, model=request.model, key=who.key_id or who.name)
+        admitting = asyncio.ensure_future(self._admit(call, log))
         try:
-            await self.store.quota.admit(who, call.request_id, model=request.model, protocol=call.protocol)
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            try:
+                who = await admitting
+            except Exception:
+                raise asyncio.CancelledError() from None  # refused: its row is written, nothing to settle
+            await self.settle(call, who, Outcome("aborted", error_code="ClientClosedRequest",
+                                                 latency_ms=int((time.monotonic() - started) * 1000)))
+            raise
+
+    async def _admit(self, call: Call, log: dict[str, Any]) -> Principal:
+        who = await self.store.keys.authenticate(call.token)
+        call.log.update(protocol=call.protocol, model=call.request.model, key=who.key_id or who.name, **log)
+        try:
+            await self.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
         except TingError as exc:
             call.log.update(outcome="refused", code=exc.code)
             raise
+        return who
+
+    async def start(self, call: Call) -> Generation:
+        started = time.monotonic()
+        who = await self.admit(call)
+        request = call.request
         try:
             limits = self.models.get(request.model)
             params = self._check_params(request.sampling, limits)

@@ -21,7 +21,7 @@ import numpy as np
 from ting.audio import billed_audio_tokens
 from ting.errors import AudioError, InvalidParameter, TingError
 from ting.service.chat import Call, ChatService
-from ting.store import Outcome, Principal
+from ting.store import Outcome
 from ting.types import (
     MIN_SAMPLES,
     SAMPLE_RATE,
@@ -146,34 +146,12 @@ class TranscriptionService:
     def __init__(self, chat: ChatService) -> None:
         self.chat = chat
 
-    async def _admit(self, call: Call, task: str) -> Principal:
-        svc = self.chat
-        who = await svc.store.keys.authenticate(call.token)
-        call.log.update(protocol=call.protocol, model=call.request.model, key=who.key_id or who.name, task=task)
-        try:
-            await svc.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
-        except TingError as exc:
-            call.log.update(outcome="refused", code=exc.code)
-            raise
-        return who
-
     async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
                   prompt: str | None = None, temperature: float | None = None, target: str = "en") -> Transcript:
         """Transcribe (or translate) a whole recording: one request, one ledger row."""
         svc = self.chat
         started = time.monotonic()
-        # A client that hangs up while its request is being admitted (Task.cancel() from the API layer) must not
-        # leave an admitted, unsettled row behind: the admission runs to its end, then the abort is settled.
-        admitting = asyncio.ensure_future(self._admit(call, task))
-        try:
-            who = await asyncio.shield(admitting)
-        except asyncio.CancelledError:
-            try:
-                who = await admitting
-            except Exception:
-                raise asyncio.CancelledError() from None  # refused: no row was opened, nothing to settle
-            await svc.settle(call, who, Outcome("aborted", Usage(), 0.0, "ClientClosedRequest", _ms(started)))
-            raise
+        who = await svc.admit(call, task=task)
         usage, seconds = Usage(), 0.0
         try:
             limits = svc.models.get(call.request.model)
