@@ -1,7 +1,7 @@
 """Small-batch matrix products on CPU: why a batched decoding step keeps its weights in oneDNN's blocked layout.
 
 A decoding step multiplies a few rows (one per running request) by every weight matrix. This times y = x @ W.T
-for the real model's shapes three ways, in the same run:
+for the real model's shapes three ways, in the same run, with the engine's own functions:
   plain    torch.nn.functional.linear (MKL; what transformers does)
   chunked  W @ x.T, 1024 rows of W at a time (Ting's fallback when the blocked copy does not fit in memory)
   blocked  oneDNN with W kept in its blocked layout (Ting's default on CPU in float32; a second copy of W)
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from ting.engine.qwen2_audio import SKINNY_CHUNK
+from ting.engine.qwen2_audio import blocked_linear, chunked_linear
 
 SHAPES = {"q/k/v/o projection": (4096, 4096), "MLP up/gate": (11008, 4096), "MLP down": (4096, 11008),
           "lm_head": (156032, 4096)}
@@ -39,18 +39,6 @@ def timed(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times) * 1000
 
 
-def chunked(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(w.shape[0], x.shape[0])
-    xt = x.t()
-    for i in range(0, w.shape[0], SKINNY_CHUNK):
-        torch.mm(w[i:i + SKINNY_CHUNK], xt, out=out[i:i + SKINNY_CHUNK])
-    return out.t()
-
-
-def blocked(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch._C._nn.mkldnn_linear(x.to_mkldnn(), packed, None).to_dense()
-
-
 def main() -> None:
     torch.manual_seed(0)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -61,15 +49,15 @@ def main() -> None:
     with torch.inference_mode():
         for name, (out_f, in_f) in SHAPES.items():
             w = torch.randn(out_f, in_f) * 0.02
-            packed = w.to_mkldnn()
+            packed = (w.to_mkldnn(), None)
             for rows in ROWS:
                 x = torch.randn(rows, in_f)
                 want = torch.nn.functional.linear(x, w)
-                assert torch.allclose(chunked(x, w), want, atol=1e-4)
-                assert torch.allclose(blocked(x, packed), want, atol=1e-4)
+                assert torch.allclose(chunked_linear(x, w), want, atol=1e-4)
+                assert torch.allclose(blocked_linear(x, packed), want, atol=1e-4)
                 plain_ms = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-                chunked_ms = timed(lambda x=x, w=w: chunked(x, w))
-                blocked_ms = timed(lambda x=x, packed=packed: blocked(x, packed))
+                chunked_ms = timed(lambda x=x, w=w: chunked_linear(x, w))
+                blocked_ms = timed(lambda x=x, packed=packed: blocked_linear(x, packed))
                 print(f"| {name} {out_f}×{in_f} | {rows} | {plain_ms:.2f} | {chunked_ms:.2f} | {blocked_ms:.2f} | "
                       f"{plain_ms / chunked_ms:.2f} | {plain_ms / blocked_ms:.2f} |", flush=True)
             del w, packed

@@ -144,24 +144,33 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
     MKL's GEMM for x @ W.T with 2 to 64 rows repacks all of W on every call. oneDNN with the weight kept in its
     blocked layout does not (a second copy of the weights, made once); without oneDNN, W @ x.T taken 1024 rows
-    of W at a time avoids most of it. At 4 to 64 rows of the real model's shapes the blocked product is 1.3 to 4.2
-    times faster than MKL's, the chunked one 1.1 to 2.5 times (bench/linear.py, bench/RESULTS.md). The blocked
+    of W at a time avoids most of it. At 4 to 64 rows of the real model's shapes the blocked product is 1.3 to 4.3
+    times faster than MKL's, the chunked one 1.1 to 2.7 times (bench/linear.py, bench/RESULTS.md). The blocked
     copy is made only where it fits in memory. Prefill and single-row steps keep transformers' own path.
     """
     rows = x.numel() // x.shape[-1]
     if _Decoding.active and 1 < rows <= 64:
+        x2d = x.reshape(rows, x.shape[-1])
         packed = getattr(self, "_ting_blocked", None)
-        if packed is not None:
-            y = torch._C._nn.mkldnn_linear(x.reshape(rows, x.shape[-1]).to_mkldnn(), *packed).to_dense()
-            return y.reshape(*x.shape[:-1], self.out_features)
-        xt = x.reshape(rows, x.shape[-1]).t()
-        out = torch.empty(self.out_features, rows, dtype=x.dtype, device=x.device)
-        for i in range(0, self.out_features, SKINNY_CHUNK):
-            torch.mm(self.weight[i:i + SKINNY_CHUNK], xt, out=out[i:i + SKINNY_CHUNK])
-        if self.bias is not None:
-            out += self.bias[:, None]
-        return out.t().reshape(*x.shape[:-1], self.out_features)
+        y = blocked_linear(x2d, packed) if packed is not None else chunked_linear(x2d, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
     return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def blocked_linear(x2d: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """x2d @ W.T + b with (W, b) already in oneDNN's blocked layout (`.to_mkldnn()`)."""
+    return torch._C._nn.mkldnn_linear(x2d.to_mkldnn(), *packed).to_dense()
+
+
+def chunked_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2d @ W.T + b as W @ x2d.T, SKINNY_CHUNK rows of W at a time (no repacking of W, no extra memory)."""
+    xt = x2d.t()
+    out = torch.empty(weight.shape[0], x2d.shape[0], dtype=x2d.dtype, device=x2d.device)
+    for i in range(0, weight.shape[0], SKINNY_CHUNK):
+        torch.mm(weight[i:i + SKINNY_CHUNK], xt, out=out[i:i + SKINNY_CHUNK])
+    if bias is not None:
+        out += bias[:, None]
+    return out.t()
 
 
 def available_memory_bytes() -> int | None:
