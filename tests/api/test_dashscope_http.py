@@ -321,6 +321,17 @@ def test_an_upload_over_the_size_limit(engine, tmp_path: Path) -> None:  # type:
 # --- the stream's life ------------------------------------------------------------------------------------------
 
 
+def slow_down_steps(engine, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """Make every decoding step of the engine's real backend take `seconds` longer (until monkeypatch.undo())."""
+    real_step = engine.scheduler.backend.step
+
+    def slow_step():  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return real_step()
+
+    monkeypatch.setattr(engine.scheduler.backend, "step", slow_step)
+
+
 def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: str) -> None:
     engine = server.runtime.engine
     aborted = engine.stats.aborted
@@ -343,16 +354,9 @@ def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: s
 def test_a_client_that_hangs_up_before_a_plain_answer_is_ready_aborts_it_quietly(  # type: ignore[no-untyped-def]
         engine, tmp_path: Path, wav: str, path: str, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    backend = engine.scheduler.backend
-    real_step = backend.step
-
-    def slow_step():  # type: ignore[no-untyped-def]
-        time.sleep(0.1)
-        return real_step()
-
     aborted = engine.stats.aborted
     with live_server(engine, tmp_path) as s, caplog.at_level(logging.INFO):
-        monkeypatch.setattr(backend, "step", slow_step)
+        slow_down_steps(engine, monkeypatch, 0.1)
         with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the slow answer is done
             if path.endswith("/generation"):
                 post(s, request(wav, max_tokens=200, temperature=0), timeout=1.0)
@@ -398,17 +402,10 @@ def test_a_hang_up_during_admission_still_leaves_exactly_one_settled_ledger_row(
 
 def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: ignore[no-untyped-def]
         engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every decoding step takes 0.2 s, ten heartbeat periods: silence that no machine can be too fast or slow for.
-    backend = engine.scheduler.backend
-    real_step = backend.step
-
-    def slow_step():  # type: ignore[no-untyped-def]
-        time.sleep(0.2)
-        return real_step()
-
     with live_server(engine, tmp_path, heartbeat_s=0.02) as s:
         plain = post(s, request(wav, temperature=0, max_tokens=4)).json()
-        monkeypatch.setattr(backend, "step", slow_step)
+        # Every decoding step takes 0.2 s, ten heartbeat periods: silence no machine is too fast or slow for.
+        slow_down_steps(engine, monkeypatch, 0.2)
         r = post(s, request(wav, temperature=0, max_tokens=4, incremental_output=True), stream=True)
         monkeypatch.undo()
     assert r.text.count(":keepalive\n\n") >= 4
