@@ -9,7 +9,9 @@ each applied once and recorded in schema_migrations.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -136,6 +138,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = async_url(url)
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        self._writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         if self.dialect == "sqlite":
             path = sa.engine.make_url(self.url).database
             if path and path != ":memory:":
@@ -168,8 +171,20 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that may write (SQLite: BEGIN IMMEDIATE)."""
-        async with self.engine.begin() as conn:
+        """A transaction that may write (SQLite: BEGIN IMMEDIATE).
+
+        SQLite has one writer at a time: this process's writers queue for it in turn (first come, first served),
+        so that none of them polls the file lock until busy_timeout runs out while others keep taking it.
+        """
+        if self.dialect != "sqlite":
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        loop = asyncio.get_running_loop()
+        lock = self._writers.get(loop)
+        if lock is None:
+            lock = self._writers[loop] = asyncio.Lock()
+        async with lock, self.engine.begin() as conn:
             yield conn
 
     async def read(self, statement: Any) -> list[Any]:
