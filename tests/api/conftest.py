@@ -8,7 +8,7 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -130,3 +130,24 @@ def post(server: LiveServer, body: Any, *, stream: bool = False, token: str | No
     content = body if isinstance(body, (bytes, str)) else None
     return httpx.post(server.url + path, json=None if content is not None else body, content=content,
                       headers=all_headers, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Wait until `condition()` holds (a generous deadline: a busy machine is slow, never wrong)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def hang_up_when(request: httpx.Request, condition: Callable[[], bool], what: str) -> None:
+    """Send `request` on a socket of its own, wait until `condition()` holds, then hang up without reading."""
+    body = request.read()
+    head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+    head += "".join(f"{k.decode()}: {v.decode()}\r\n" for k, v in request.headers.raw) + "\r\n"
+    port = request.url.port
+    assert request.url.host and port is not None
+    with socket.create_connection((request.url.host, port)) as sock:
+        sock.sendall(head.encode() + body)
+        wait_for(condition, what)

@@ -19,10 +19,10 @@ from ting import __version__
 from ting.api import dashscope, health, openai
 from ting.api.middleware import BodyLimit, RequestContext
 from ting.api.runtime import Runtime
-from ting.api.streaming import ClientGone
 from ting.config import Settings
 from ting.engine import Engine
 from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
+from ting.service import ClientGone
 
 log = logging.getLogger("ting.server")
 

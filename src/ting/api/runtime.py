@@ -21,7 +21,7 @@ from ting.audio import AudioLoader, Resolver, system_resolver
 from ting.config import Settings
 from ting.engine import Engine
 from ting.errors import NotReady
-from ting.service import ChatService, Models, TranscriptionService
+from ting.service import ChatService, Lifecycle, Models, TranscriptionService
 from ting.store import HEARTBEAT_S, Store
 
 log = logging.getLogger("ting.server")
@@ -48,7 +48,9 @@ class Runtime:
         self.engine = engine
         self._load_engine = load_engine
         self._owns_engine = engine is None
+        self.lifecycle = Lifecycle(self.store)
         self._service: ChatService | None = None
+        self._transcription: TranscriptionService | None = None
         self.state = "starting"  # starting | loading | ready | failed | stopping
         self.error = ""
         self.started_at = time.time()
@@ -61,7 +63,9 @@ class Runtime:
         return self._service
 
     def transcription(self) -> TranscriptionService:
-        return TranscriptionService(self.service())
+        self.service()  # ready, or NotReady
+        assert self._transcription is not None
+        return self._transcription
 
     @property
     def ready(self) -> bool:
@@ -93,7 +97,10 @@ class Runtime:
         assert self.engine is not None
         if not self.engine.alive:
             self.engine.start()
-        self._service = ChatService(self.settings, self.engine, self.audio, self.store, self.models)
+        self._service = ChatService(self.lifecycle, self.engine, self.audio, self.models,
+                                    max_audio_items=self.settings.max_audio_items)
+        self._transcription = TranscriptionService(self.lifecycle, self.engine, self.audio, self.models,
+                                                   max_seconds=self.settings.max_transcription_s)
         self.state = "ready"
         info = self.engine.describe()
         log.info("model ready: %s on %s (%s)", info.get("path", self.settings.model), info.get("device"),
@@ -120,8 +127,7 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if self._service is not None:
-            await self._service.drain()
+        await self.lifecycle.drain()
         if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.stop)
         await self.audio.close()

@@ -1,30 +1,48 @@
-"""Helpers for long responses: keep-alive during silence, and noticing a client that hung up."""
+"""What both protocols' responses share: server-sent event streams with keep-alive comments, noticing a client
+that hung up, compact JSON and the Retry-After header.
+
+A stream is one skeleton (`event_stream`) and a protocol's `Framing`: how the opening, each chunk, the end, a
+keep-alive and an error look on its wire.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable
+from typing import Any, Protocol, TypeVar
 
-import anyio
 from starlette.requests import Request
 
+from ting.errors import TingError
+from ting.service import ClientGone, Generation
+from ting.types import GenerationChunk
+
 T = TypeVar("T")
-HEARTBEAT = object()  # yielded by with_heartbeats when nothing happened for a while
 
 
-async def with_heartbeats(source: AsyncIterator[T], every_s: float) -> AsyncIterator[T | object]:
-    """Items of `source`, with HEARTBEAT whenever `every_s` seconds pass without one."""
+def compact_json(obj: Any) -> bytes:
+    """Single-line JSON without spaces, UTF-8 as is: what DashScope sends, and fine for OpenAI's side."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def retry_after(exc: TingError) -> dict[str, str]:
+    """The Retry-After header for a 429/503 that knows when to come back (whole seconds, at least 1)."""
+    return {"retry-after": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else {}
+
+
+async def with_heartbeats(source: AsyncIterable[T], every_s: float) -> AsyncIterator[T | None]:
+    """Items of `source`, with None whenever `every_s` seconds pass without one (time for a keep-alive)."""
     iterator = aiter(source)
-    pending: asyncio.Task[T] | None = None
+    pending: asyncio.Future[T] | None = None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(iterator))
             done, _ = await asyncio.wait({pending}, timeout=every_s)
             if not done:
-                yield HEARTBEAT
+                yield None
                 continue
             task, pending = pending, None
             try:
@@ -38,8 +56,37 @@ async def with_heartbeats(source: AsyncIterator[T], every_s: float) -> AsyncIter
                 await pending
 
 
-class ClientGone(Exception):
-    """The client hung up before its (non-streaming) answer was ready; the work was cancelled."""
+class Framing(Protocol):
+    """How one protocol frames a streamed answer."""
+
+    keepalive: bytes
+
+    def opening(self) -> Iterable[bytes]: ...
+
+    def chunk(self, chunk: GenerationChunk) -> Iterable[bytes]: ...
+
+    def closing(self) -> Iterable[bytes]: ...
+
+    def error(self, exc: TingError) -> bytes: ...
+
+
+async def event_stream(gen: Generation, framing: Framing, heartbeat_s: float) -> AsyncIterator[bytes]:
+    """A started generation as server-sent events. The request is settled before its last event goes out (the
+    Generation sees to it) and on every other way out of this stream."""
+    async with gen:
+        try:
+            for frame in framing.opening():
+                yield frame
+            async for chunk in with_heartbeats(gen, heartbeat_s):
+                if chunk is None:
+                    yield framing.keepalive
+                    continue
+                for frame in framing.chunk(chunk):
+                    yield frame
+            for frame in framing.closing():
+                yield frame
+        except TingError as exc:
+            yield framing.error(exc)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -66,9 +113,3 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
-
-
-async def shielded(cleanup: Callable[[], Awaitable[None]]) -> None:
-    """Run `cleanup` to the end even when the surrounding task is being cancelled (a client gone)."""
-    with anyio.CancelScope(shield=True):
-        await cleanup()

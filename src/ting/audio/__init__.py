@@ -68,4 +68,8 @@ class AudioLoader:
     ) -> AudioClip:
         """Fetch and decode one audio reference (http(s) URL, data: URI or oss:// key)."""
         data = await self.sources.read(source, owner=owner, oss_resolve=oss_resolve)
+        return await self.decode(data, max_seconds=max_seconds)
+
+    async def decode(self, data: bytes, *, max_seconds: float = WINDOW_S) -> AudioClip:
+        """Decode audio bytes the caller already holds (an uploaded recording)."""
         return await self.pool.decode(data, max_seconds=max_seconds)

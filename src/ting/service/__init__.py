@@ -1,8 +1,10 @@
-"""The use cases both wire protocols share: chat about audio (chat.py) and transcripts (transcription.py)."""
+"""The use cases both wire protocols share: chat about audio (chat.py) and transcripts (transcription.py), on one
+request lifecycle (lifecycle.py: admission, outcome, settlement)."""
 
 from __future__ import annotations
 
-from ting.service.chat import Call, ChatService, Generation, ModelLimits, Models, new_request_id
+from ting.service.chat import ChatService, Generation, ModelLimits, Models
+from ting.service.lifecycle import Call, ClientGone, Lifecycle, Ticket, outcome_of
 from ting.service.transcription import (
     Segment,
     Transcript,
@@ -11,5 +13,5 @@ from ting.service.transcription import (
     transcription_call,
 )
 
-__all__ = ["Call", "ChatService", "Generation", "ModelLimits", "Models", "Segment", "Transcript",
-           "TranscriptionService", "clean_transcript", "new_request_id", "transcription_call"]
+__all__ = ["Call", "ChatService", "ClientGone", "Generation", "Lifecycle", "ModelLimits", "Models", "Segment",
+           "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "outcome_of", "transcription_call"]

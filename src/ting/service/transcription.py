@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ting.audio import billed_audio_tokens
-from ting.errors import AudioError, InvalidParameter, TingError
-from ting.service.chat import Call, ChatService
-from ting.store import Outcome
+from ting.audio import AudioLoader, billed_audio_tokens
+from ting.engine import Engine, Prompt, Sampling
+from ting.errors import AudioError, InvalidParameter
+from ting.service.chat import Models, first_error
+from ting.service.lifecycle import Call, Lifecycle, Ticket
 from ting.types import (
     MIN_SAMPLES,
     SAMPLE_RATE,
@@ -29,6 +30,7 @@ from ting.types import (
     AudioClip,
     AudioPart,
     ChatRequest,
+    GenerationChunk,
     Message,
     SamplingParams,
     TextPart,
@@ -143,72 +145,77 @@ def _cjk(ch: str) -> bool:
 
 
 class TranscriptionService:
-    def __init__(self, chat: ChatService) -> None:
-        self.chat = chat
+    def __init__(self, lifecycle: Lifecycle, engine: Engine, audio: AudioLoader, models: Models, *,
+                 max_seconds: float) -> None:
+        self.lifecycle, self.engine, self.audio, self.models = lifecycle, engine, audio, models
+        self.max_seconds = max_seconds
 
     async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
                   prompt: str | None = None, temperature: float | None = None, target: str = "en") -> Transcript:
-        """Transcribe (or translate) a whole recording: one request, one ledger row."""
-        svc = self.chat
-        started = time.monotonic()
-        who = await svc.admit(call, task=task)
-        usage, seconds = Usage(), 0.0
-        try:
-            limits = svc.models.get(call.request.model)
+        """Transcribe (or translate) a whole recording: one request, one ledger row.
+
+        The windows run together; if one fails (the engine's queue is full, say) the others are cancelled, and
+        the request is charged what ran.
+        """
+        ticket = await self.lifecycle.admit(call, task=task)
+        async with ticket:
+            limits = self.models.get(call.request.model)
             if temperature is not None and not 0.0 <= temperature <= 1.0:
                 raise InvalidParameter("temperature must be between 0 and 1.")
             if language is not None and not re.fullmatch(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?", language):
                 raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.")
-            limit_s = svc.settings.max_transcription_s
-            clip = await svc.audio.pool.decode(data, max_seconds=limit_s)
+            clip = await self.audio.decode(data, max_seconds=self.max_seconds)
             if clip.truncated:
-                raise AudioError(f"The input audio is longer than {limit_s:g}s.")
-            seconds = clip.seconds
+                raise AudioError(f"The input audio is longer than {self.max_seconds:g}s.")
+            ticket.audio_seconds = clip.seconds
             spans = windows(clip.samples)
             text = instruction(task, language and language.lower(), prompt, target)
             parts = [AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec)
                      for a, b in spans]
-            prompts = await asyncio.gather(*(svc.engine.prepare(
+            prompts = await asyncio.gather(*(self.engine.prepare(
                 (Message("user", (AudioPart("upload", p), TextPart(text))),)) for p in parts))
-            max_tokens = limits.max_output_tokens
-            params = SamplingParams(temperature=0.0 if temperature is None else temperature, max_tokens=max_tokens,
-                                    repetition_penalty=1.05)
-            samplings = [svc.engine.resolve(params, pr) for pr in prompts]
+            params = SamplingParams(temperature=0.0 if temperature is None else temperature,
+                                    max_tokens=limits.max_output_tokens, repetition_penalty=1.05)
+            samplings = [self.engine.resolve(params, pr) for pr in prompts]
             billed = [billed_audio_tokens(len(p.samples)) for p in parts]
-            most = sum(pr.text_tokens + b + s.max_tokens for pr, b, s in zip(prompts, billed, samplings, strict=True))
-            await svc.store.quota.reserve(who, call.request_id, most)
-
-            async def one(i: int) -> tuple[str, int]:
-                out, n = [], 0
-                async for chunk in svc.engine.generate(prompts[i], samplings[i], request_id=call.request_id):
-                    out.append(chunk.text)
-                    n = chunk.usage.output_tokens
-                return clean_transcript("".join(out)), n
-
-            results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-            usage = Usage(input_tokens=sum(p.text_tokens for p in prompts), audio_tokens=sum(billed),
-                          output_tokens=sum(n for _, n in results))
+            await ticket.reserve(sum(pr.text_tokens + b + s.max_tokens
+                                     for pr, b, s in zip(prompts, billed, samplings, strict=True)))
+            texts = await self._generate(ticket, prompts, samplings, billed)
             segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, t)
-                             for (a, b), (t, _) in zip(spans, results, strict=True))
-        except TingError as exc:
-            await svc.settle(call, who, Outcome("error", usage, seconds, exc.code, _ms(started)))
-            raise
-        except BaseException:
-            await svc.settle(call, who, Outcome("aborted", usage, seconds, "ClientClosedRequest", _ms(started)))
-            raise
-        await svc.settle(call, who, Outcome("ok", usage, seconds, None, _ms(started)))
+                             for (a, b), t in zip(spans, texts, strict=True))
         return Transcript(task=task, text=_join([s.text for s in segments]), segments=segments, language=language,
-                          duration_s=round(seconds, 3), usage=usage)
+                          duration_s=round(clip.seconds, 3), usage=ticket.usage)
 
+    async def _generate(self, ticket: Ticket, prompts: list[Prompt], samplings: list[Sampling],
+                        billed: list[int]) -> list[str]:
+        """Every window's transcript; `ticket.usage` counts the windows that ran, as they run."""
+        ran = [False] * len(prompts)
+        output_tokens = [0] * len(prompts)
+        texts = [""] * len(prompts)
 
-def _ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
+        def count(i: int, chunk: GenerationChunk) -> None:
+            ran[i], output_tokens[i] = True, chunk.usage.output_tokens
+            ticket.usage = Usage(input_tokens=sum(p.text_tokens for p, r in zip(prompts, ran, strict=True) if r),
+                                 audio_tokens=sum(b for b, r in zip(billed, ran, strict=True) if r),
+                                 output_tokens=sum(output_tokens))
+
+        async def one(i: int) -> None:
+            out = []
+            async for chunk in self.engine.generate(prompts[i], samplings[i], request_id=ticket.request_id):
+                count(i, chunk)
+                out.append(chunk.text)
+            texts[i] = clean_transcript("".join(out))
+
+        try:
+            async with asyncio.TaskGroup() as group:  # one window failing cancels the others
+                for i in range(len(prompts)):
+                    group.create_task(one(i))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+        return texts
 
 
 def transcription_call(model: str, protocol: str, token: str | None, request_id: str,
-                       log: dict[str, object] | None = None) -> Call:
+                       log: dict[str, Any] | None = None) -> Call:
     """A Call for a transcription: its ChatRequest only names the model (the audio comes as bytes)."""
-    call = Call(ChatRequest(model=model, messages=()), protocol, token, request_id)
-    if log is not None:
-        call = replace(call, log=log)  # type: ignore[arg-type]
-    return call
+    return Call(ChatRequest(model=model, messages=()), protocol, token, request_id, log={} if log is None else log)

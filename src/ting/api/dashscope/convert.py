@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from pydantic import ValidationError
-
 from ting.api.dashscope.schemas import GenerationParameters, GenerationRequest
-from ting.errors import EmptyInput, EmptyModel, IllegalJson, InvalidParameter
+from ting.errors import InvalidParameter
 from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
 
 ROLES = ("system", "user", "assistant")
 SEED_MAX = 2**31 - 1
-
-
-def parse_body(raw: bytes) -> GenerationRequest:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise IllegalJson() from None
-    if not isinstance(body, dict):
-        raise IllegalJson()
-    if not body.get("model"):
-        raise EmptyModel()
-    if body.get("input") is None:
-        raise EmptyInput()
-    try:
-        return GenerationRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidParameter(_describe(exc)) from None
-
-
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "str", "int")))
-    return f"Required parameter(s) missing or invalid, please check the request parameters. {where}: {first['msg']}"
 
 
 def to_chat_request(req: GenerationRequest) -> tuple[ChatRequest, bool]:
@@ -133,8 +107,3 @@ def stream_body(text: str, finish_reason: FinishReason | None, usage: Usage, req
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
     return {"code": code, "message": message, "request_id": request_id}
-
-
-def dumps(obj: Any) -> str:
-    """Single-line JSON, as DashScope sends it."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

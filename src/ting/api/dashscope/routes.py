@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ting.api.auth import bearer
-from ting.api.dashscope.convert import dumps, error_body, response_body, stream_body, to_chat_request
+from ting.api.dashscope.convert import error_body, response_body, stream_body, to_chat_request
 from ting.api.dashscope.schemas import ErrorResponse, GenerationRequest, GenerationResponse
 from ting.api.runtime import runtime_of
-from ting.api.streaming import HEARTBEAT, shielded, until_disconnected, with_heartbeats
+from ting.api.streaming import compact_json, event_stream, retry_after, until_disconnected
 from ting.errors import EmptyInput, EmptyModel, TingError
-from ting.service import Call, Generation
+from ting.service import Call
+from ting.types import GenerationChunk
 
 GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 SSE_MEDIA_TYPE = "text/event-stream;charset=UTF-8"
@@ -41,44 +43,47 @@ async def generation(request: Request, body: GenerationRequest) -> Response:
                 oss_resolve=resolve or not runtime.settings.require_oss_resolve, log=request.state.access)
     gen = await runtime.service().start(call)
     if streaming:
-        return StreamingResponse(_events(gen, incremental, runtime.settings.heartbeat_s), media_type=SSE_MEDIA_TYPE,
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
+        return StreamingResponse(event_stream(gen, _Frames(gen.request_id, incremental), runtime.settings.heartbeat_s),
+                                 media_type=SSE_MEDIA_TYPE, headers={"Cache-Control": "no-cache",
+                                                                     "X-Accel-Buffering": "no"})
+    async with gen:
         text = await until_disconnected(request, gen.text())
-    finally:
-        await shielded(gen.close)
     return JSONResponse(response_body(text, gen.finish_reason, gen.usage, gen.request_id))
 
 
-async def _events(gen: Generation, incremental: bool, heartbeat_s: float) -> AsyncIterator[bytes]:
+class _Frames:
     """SSE framed as DashScope frames it: id, event, an HTTP_STATUS comment, one data line; no [DONE]."""
-    n = 0
-    text = ""
-    try:
-        async for item in with_heartbeats(gen, heartbeat_s):
-            if item is HEARTBEAT:
-                yield b":keepalive\n\n"
-                continue
-            chunk = item
-            text += chunk.text
-            if not chunk.text and chunk.finish_reason is None:
-                continue  # a token that completed no character yet
-            n += 1
-            data = stream_body(chunk.text if incremental else text, chunk.finish_reason, chunk.usage, gen.request_id)
-            if chunk.finish_reason is not None:
-                await shielded(gen.close)  # the ledger has it before the client sees the end
-            yield f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{dumps(data)}\n\n".encode()
-    except TingError as exc:
-        n += 1
-        data = error_body(exc.code, exc.message, gen.request_id)
-        yield f"id:{n}\nevent:error\n:HTTP_STATUS/{exc.status}\ndata:{dumps(data)}\n\n".encode()
-    finally:
-        await shielded(gen.close)
+
+    keepalive = b":keepalive\n\n"
+
+    def __init__(self, request_id: str, incremental: bool) -> None:
+        self.request_id, self.incremental = request_id, incremental
+        self.n = 0
+        self.text = ""
+
+    def opening(self) -> Iterable[bytes]:
+        return ()
+
+    def chunk(self, chunk: GenerationChunk) -> Iterable[bytes]:
+        self.text += chunk.text
+        if not chunk.text and chunk.finish_reason is None:
+            return  # a token that completed no character yet
+        data = stream_body(chunk.text if self.incremental else self.text, chunk.finish_reason, chunk.usage,
+                           self.request_id)
+        yield self._frame("result", 200, data)
+
+    def closing(self) -> Iterable[bytes]:
+        return ()
+
+    def error(self, exc: TingError) -> bytes:
+        return self._frame("error", exc.status, error_body(exc.code, exc.message, self.request_id))
+
+    def _frame(self, event: str, status: int, data: dict[str, Any]) -> bytes:
+        self.n += 1
+        return f"id:{self.n}\nevent:{event}\n:HTTP_STATUS/{status}\ndata:".encode() + compact_json(data) + b"\n\n"
 
 
 def error_response(exc: TingError, request_id: str) -> tuple[int, dict[str, str], bytes]:
     """The native error envelope: {code, message, request_id}, always JSON (every SDK version parses it)."""
-    headers = {"content-type": "application/json"}
-    if exc.retry_after_s:
-        headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
-    return exc.status, headers, dumps(error_body(exc.code, exc.message, request_id)).encode()
+    headers = {"content-type": "application/json", **retry_after(exc)}
+    return exc.status, headers, compact_json(error_body(exc.code, exc.message, request_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ting.api.streaming import retry_after
 from ting.errors import PayloadTooLarge, QuotaExhausted, TingError
 
 
@@ -15,7 +16,5 @@ def error_response(exc: TingError, request_id: str) -> tuple[int, dict[str, str]
         status = 413
     body = {"error": {"message": exc.message, "type": exc.openai_type, "param": None,
                       "code": exc.openai_code or exc.code}, "request_id": request_id}
-    headers = {"content-type": "application/json"}
-    if exc.retry_after_s:
-        headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+    headers = {"content-type": "application/json", **retry_after(exc)}
     return status, headers, json.dumps(body, ensure_ascii=False).encode()

@@ -5,9 +5,8 @@ Served under /v1 and under /compatible-mode/v1 (DashScope's compatible mode).
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -28,9 +27,10 @@ from ting.api.openai.convert import (
 from ting.api.openai.errors import error_response
 from ting.api.openai.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList, Transcription
 from ting.api.runtime import runtime_of
-from ting.api.streaming import HEARTBEAT, shielded, until_disconnected, with_heartbeats
+from ting.api.streaming import compact_json, event_stream, until_disconnected
 from ting.errors import AudioEmpty, AudioTooLarge, InvalidParameter, TingError
-from ting.service import Call, Generation, transcription_call
+from ting.service import Call, transcription_call
+from ting.types import GenerationChunk, Usage
 
 router = APIRouter(tags=["OpenAI"])
 PREFIXES = ("/v1", "/compatible-mode/v1")
@@ -45,43 +45,47 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     gen = await runtime.service().start(call)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chunks(gen, body.model, include_usage, runtime.settings.heartbeat_s),
+        frames = _Frames(gen.request_id, body.model, include_usage, lambda: gen.usage)
+        return StreamingResponse(event_stream(gen, frames, runtime.settings.heartbeat_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                           "X-Accel-Buffering": "no"})
-    try:
+    async with gen:
         text = await until_disconnected(request, gen.text())
-    finally:
-        await shielded(gen.close)
     return JSONResponse(completion_body(gen.request_id, body.model, text, gen.finish_reason, gen.usage))
 
 
 def _data(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(obj) + b"\n\n"
 
 
-async def _chunks(gen: Generation, model: str, include_usage: bool, heartbeat_s: float) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    rid = gen.request_id
-    try:
-        yield _data(chunk_body(rid, model, created, {"role": "assistant", "content": ""}, None, include_usage))
-        async for item in with_heartbeats(gen, heartbeat_s):
-            if item is HEARTBEAT:
-                yield b": keep-alive\n\n"
-                continue
-            chunk = item
-            if chunk.text:
-                yield _data(chunk_body(rid, model, created, {"content": chunk.text}, None, include_usage))
-            if chunk.finish_reason is not None:
-                await shielded(gen.close)  # the ledger has it before the client sees the end
-                yield _data(chunk_body(rid, model, created, {}, chunk.finish_reason, include_usage))
-        if include_usage:
-            yield _data(usage_chunk_body(rid, model, created, gen.usage))
+class _Frames:
+    """chat.completion.chunk events: the role first, content deltas, the finish, the usage if asked, [DONE]."""
+
+    keepalive = b": keep-alive\n\n"
+
+    def __init__(self, request_id: str, model: str, include_usage: bool, usage: Callable[[], Usage]) -> None:
+        self.request_id, self.model, self.include_usage, self.usage = request_id, model, include_usage, usage
+        self.created = int(time.time())
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> bytes:
+        return _data(chunk_body(self.request_id, self.model, self.created, delta, finish_reason, self.include_usage))
+
+    def opening(self) -> Iterable[bytes]:
+        yield self._chunk({"role": "assistant", "content": ""}, None)
+
+    def chunk(self, chunk: GenerationChunk) -> Iterable[bytes]:
+        if chunk.text:
+            yield self._chunk({"content": chunk.text}, None)
+        if chunk.finish_reason is not None:
+            yield self._chunk({}, chunk.finish_reason)
+
+    def closing(self) -> Iterable[bytes]:
+        if self.include_usage:
+            yield _data(usage_chunk_body(self.request_id, self.model, self.created, self.usage()))
         yield b"data: [DONE]\n\n"
-    except TingError as exc:
-        _, _, body = error_response(exc, rid)
-        yield b"data: " + body + b"\n\n"
-    finally:
-        await shielded(gen.close)
+
+    def error(self, exc: TingError) -> bytes:
+        return b"data: " + error_response(exc, self.request_id)[2] + b"\n\n"
 
 
 async def models(request: Request) -> ModelList:

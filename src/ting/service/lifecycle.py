@@ -1,0 +1,156 @@
+"""One request's life in the ledger, for every use case: admitted, then settled exactly once.
+
+    ticket = await lifecycle.admit(call)      authenticate, check the key's limits, open the ledger row
+    async with ticket:                         any exception leaving the block settles the request with the
+        await ticket.reserve(most)             outcome it maps to (`outcome_of`), a clean exit settles it "ok";
+        ticket.usage = ...                     what the ticket has counted by then (usage, audio seconds) is
+                                               what is charged
+Settling cannot be interrupted: neither a client hanging up (asyncio's Task.cancel) nor Starlette cancelling a
+stream's task (anyio's cancel scopes, which re-fire at every await) stops it half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ting.errors import TingError
+from ting.store import Outcome, Principal, Store
+from ting.types import ChatRequest, Usage
+
+log = logging.getLogger("ting.service")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, as a protocol hands it over."""
+
+    request: ChatRequest
+    protocol: str  # "dashscope" | "openai"
+    token: str | None  # the bearer token
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    oss_resolve: bool = True  # DashScope: the X-DashScope-OssResourceResolve header was sent
+    log: dict[str, Any] = field(default_factory=dict)  # filled in for the access log (nothing secret)
+
+
+class ClientGone(Exception):
+    """The client hung up before its (non-streaming) answer was ready; the work was cancelled."""
+
+
+def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
+    """(status, error code) for the ledger: how a request that ended with `exc` (None: finished) ended."""
+    if exc is None:
+        return "ok", None
+    if isinstance(exc, ClientGone):
+        return "aborted", "ClientClosedRequest"
+    if isinstance(exc, TingError):
+        return ("refused" if exc.status == 429 else "error"), exc.code
+    if isinstance(exc, Exception):
+        return "error", "InternalError"  # a fault of ours, not the client's
+    return "aborted", "ClientClosedRequest"  # cancelled (the client hung up) or closed before its end
+
+
+class Ticket:
+    """An admitted request: who pays, what it has used so far; settled exactly once."""
+
+    def __init__(self, lifecycle: Lifecycle, call: Call, who: Principal, started: float) -> None:
+        self.lifecycle, self.call, self.who, self.started = lifecycle, call, who, started
+        self.usage = Usage()
+        self.audio_seconds = 0.0
+        self.first_token_ms: int | None = None
+        self.settled = False
+
+    @property
+    def request_id(self) -> str:
+        return self.call.request_id
+
+    async def reserve(self, tokens: int) -> None:
+        """Reserve the most the request can cost (refused with QuotaExhausted when it does not fit)."""
+        await self.lifecycle.store.quota.reserve(self.who, self.request_id, tokens)
+
+    async def settle(self, exc: BaseException | None = None) -> None:
+        """Charge what was used and write the ledger row, once; `exc` is why the request ended (None: done)."""
+        if self.settled:
+            return
+        self.settled = True
+        status, code = outcome_of(exc)
+        outcome = Outcome(status, self.usage, self.audio_seconds, code,
+                          int((time.monotonic() - self.started) * 1000))
+        with anyio.CancelScope(shield=True):
+            await self.lifecycle.settle(self.call, outcome, first_token_ms=self.first_token_ms)
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.settle(exc)
+
+
+class Lifecycle:
+    """Admission and settlement, the same for chat and transcription, for both protocols."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def admit(self, call: Call, **log_fields: Any) -> Ticket:
+        """Authenticate the caller and open the request's ledger row (or refuse it, with a row of its own).
+
+        A caller cancelled meanwhile (a client hanging up: Task.cancel() from the API layer) does not leave an
+        admitted, unsettled row behind for the next restart: the admission runs to its end, then the abort is
+        settled and the cancellation goes on.
+        """
+        started = time.monotonic()
+        admitting = asyncio.ensure_future(self._admit(call, log_fields))
+        try:
+            who = await asyncio.shield(admitting)
+        except asyncio.CancelledError as cancelled:
+            try:
+                who = await admitting
+            except Exception:
+                raise asyncio.CancelledError() from None  # refused: its row is written, nothing to settle
+            await Ticket(self, call, who, started).settle(cancelled)
+            raise
+        return Ticket(self, call, who, started)
+
+    async def _admit(self, call: Call, log_fields: dict[str, Any]) -> Principal:
+        who = await self.store.keys.authenticate(call.token)
+        call.log.update(protocol=call.protocol, model=call.request.model, key=who.key_id or who.name, **log_fields)
+        try:
+            await self.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
+        except TingError as exc:
+            call.log.update(outcome=outcome_of(exc)[0], code=exc.code)
+            raise
+        return who
+
+    async def settle(self, call: Call, outcome: Outcome, *, first_token_ms: int | None = None) -> None:
+        """Record the request in the ledger and the access log, in a task the caller's cancellation cannot stop."""
+        task = asyncio.ensure_future(self._settle(call, outcome, first_token_ms))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        with contextlib.suppress(asyncio.CancelledError):  # the settlement goes on; drain() waits for it
+            await asyncio.shield(task)
+
+    async def _settle(self, call: Call, outcome: Outcome, first_token_ms: int | None) -> None:
+        u = outcome.usage
+        call.log.update(outcome=outcome.status, code=outcome.error_code, audio_s=round(outcome.audio_seconds, 3),
+                        audio_tokens=u.audio_tokens, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                        first_token_ms=first_token_ms)
+        try:
+            await self.store.quota.settle(call.request_id, outcome)
+        except Exception:
+            log.exception("settling %s failed; it stays reserved until the next restart", call.request_id)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for settlements in flight (at shutdown)."""
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=timeout_s)
