@@ -118,15 +118,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it; the access log does
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _response(request, TingError())
-
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], allow_credentials=False)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, render=render_error)
     return app

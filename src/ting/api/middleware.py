@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ting.errors import PayloadTooLarge, TingError
 
 access_log = logging.getLogger("ting.access")
+log = logging.getLogger("ting.server")
 
 ErrorRenderer = Callable[[Scope, TingError], tuple[int, list[tuple[bytes, bytes]], bytes]]
 
@@ -23,10 +24,12 @@ class RequestContext:
 
     Routes add what they know (model, tokens, ...) to scope state "access"; the line is written once the
     response is over (or the client is gone). Nothing secret goes in it: no audio, no base64, no keys.
+    An unexpected exception becomes a 500 in the protocol's envelope here, inside the request id's reach (status 499
+    is kept for clients that really hung up).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, *, render: ErrorRenderer) -> None:
+        self.app, self.render = app, render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,6 +52,14 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # a fault of ours: a 500 in the protocol's envelope, with the request id, logged once
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            access.setdefault("outcome", "error")
+            access.setdefault("code", "InternalError")
+            if not status["code"]:
+                code, headers, body = self.render(scope, TingError())
+                await send_with_id({"type": "http.response.start", "status": code, "headers": headers})
+                await send_with_id({"type": "http.response.body", "body": body})
         finally:
             line: dict[str, Any] = {"request_id": state.get("request_id", request_id), "method": scope["method"],
                                     "path": scope["path"], "status": status["code"] or 499,

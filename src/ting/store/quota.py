@@ -8,7 +8,8 @@ A request's life in the database, each step one transaction:
   reserve   once the prompt is known: reserves the most the request can cost (audio + prompt text + max
             output), atomically: `reserved += n WHERE quota - spent - reserved >= n`. Never more spent
             than granted, never negative (the table's CHECK constraints are the backstop).
-  settle    charges the real usage (at most the reservation), releases the rest, writes the ledger row and
+  settle    charges the real usage, whatever the outcome: what the model ran for it, at most the reservation
+            (a request that fails before the model runs has none); releases the rest, writes the ledger row and
             deletes the reservation. Only the transaction that deletes the reservation writes the ledger
             row, so a request is settled exactly once, however often settle is called.
   recover   releases the reservations of a server that died mid-request, writing their ledger rows
@@ -175,7 +176,7 @@ class Quota:
         deleted = await conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
         if deleted.rowcount != 1:  # another transaction settled it first
             return False
-        charged = min(outcome.usage.total_tokens, held.tokens) if outcome.status in ("ok", "aborted") else 0
+        charged = min(outcome.usage.total_tokens, held.tokens)  # what ran (nothing, for what was refused before)
         if held.key_id is not None:
             await conn.execute(api_keys.update().where(api_keys.c.id == held.key_id).values(
                 spent_tokens=api_keys.c.spent_tokens + charged,
