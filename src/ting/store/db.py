@@ -3,8 +3,9 @@
 SQLAlchemy Core (async) speaks both. SQLite runs in WAL mode with synchronous=FULL (a usage row survives a
 crash and a power cut) and takes its write lock at the start of each transaction (BEGIN IMMEDIATE), so a
 read-then-write never fails half-way with SQLITE_BUSY; concurrent writers wait up to busy_timeout.
-PostgreSQL locks the rows it is about to change (SELECT ... FOR UPDATE). Migrations are an ordered list,
-each applied once and recorded in schema_migrations.
+PostgreSQL locks the rows it is about to change (SELECT ... FOR UPDATE). The tables below are the schema the code
+expects now; migrations.py is how a database gets there: an ordered list, each applied once and recorded in
+schema_migrations.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ting.store.migrations import MIGRATIONS
 
 metadata = sa.MetaData()
 
@@ -111,17 +114,6 @@ schema_migrations = sa.Table(
     sa.Column("applied_at", sa.Float, nullable=False),
 )
 
-Migration = Callable[[AsyncConnection], Awaitable[None]]
-
-
-async def _initial_schema(conn: AsyncConnection) -> None:
-    tables = [api_keys, reservations, ledger, rate_windows, instances, uploads, server_secrets]
-    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables))
-
-
-MIGRATIONS: list[tuple[int, str, Migration]] = [
-    (1, "initial schema", _initial_schema),
-]
 
 
 def async_url(url: str) -> str:
