@@ -158,10 +158,19 @@ def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(tiny_dir: Path,
         serve = Serve(tmp_path, "--model", str(tiny_dir), *common, port=port)
         logs += [serve.out, serve.err]
         serve.wait_ready()
-        threads = [threading.Thread(target=one, args=(serve.url, rng.choice([5, 40, 400, 1500]))) for _ in range(12)]
+        with lock:
+            finished_before = sum(seen.values())
+        # Each round has short requests (5 tokens) and long ones: kill once a short one has finished (a condition,
+        # however slow the machine), at a random moment among the long ones.
+        sizes = [5, 5, *rng.choices([40, 400, 1500], k=10)]
+        threads = [threading.Thread(target=one, args=(serve.url, n)) for n in sizes]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.4, 1.5))
+        deadline = time.monotonic() + 120
+        while sum(seen.values()) == finished_before:
+            assert time.monotonic() < deadline, "no request finished"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         serve.stop(signal.SIGKILL)
         for t in threads:
             t.join(60)
@@ -196,3 +205,62 @@ def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(tiny_dir: Path,
     assert key not in dump
     db_files = [p for p in home.rglob("*") if p.is_file()]
     assert all(key.encode() not in p.read_bytes() for p in db_files)
+
+
+def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each(tiny_dir: Path, tmp_path: Path,
+                                                                                 wav: str) -> None:
+    home = tmp_path / "home"
+    serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(home), "--drain-timeout-s", "1")
+    serve.wait_ready()
+    streams: dict[int, list[str]] = {i: [] for i in range(4)}
+
+    def stream(i: int) -> None:
+        headers = {"Authorization": "Bearer k", "X-DashScope-SSE": "enable"}
+        with httpx.stream("POST", serve.url + GENERATION, json=body(wav, 1500, temperature=1.0, seed=i),
+                          headers=headers, timeout=120) as r:
+            streams[i].extend(line for line in r.iter_lines() if line.startswith(("data:", "event:")))
+
+    readers = [threading.Thread(target=stream, args=(i,)) for i in streams]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + 120
+    while not all(any(line.startswith("data:") for line in s) for s in streams.values()):
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.02)
+    serve.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+
+    def ready() -> bool:
+        try:
+            return httpx.get(serve.url + "/health", timeout=5).status_code == 200
+        except httpx.ConnectError:
+            return False  # no new connections while draining
+
+    while ready():  # readiness turns false at once
+        assert time.monotonic() < deadline, "/health stayed ready while draining"
+        time.sleep(0.02)
+    assert serve.proc.wait(120) == 1  # the drain was not clean, and the exit status says so
+    for t in readers:
+        t.join(30)
+    cut = [s for s in streams.values() if s[-2] == "event:error"]
+    assert cut  # 1,500 tokens each: the tiny model on this machine does not finish four in one second
+    for lines in cut:
+        error = json.loads(lines[-1][5:])
+        assert (error["code"], error["message"]) == ("ServiceUnavailable",
+                                                     "The server is shutting down, please try again later.")
+
+    async def inspect() -> tuple[list[Any], int]:
+        store = Store(f"sqlite:///{home / 'ting.db'}", home=home)
+        await store.open()
+        try:
+            return await store.ledger.rows(), len(await store.db.read(sa.select(reservations)))
+        finally:
+            await store.close()
+
+    rows, open_reservations = asyncio.run(inspect())
+    assert open_reservations == 0 and len(rows) == 4
+    by_status = sorted((r.status, r.error_code) for r in rows)
+    assert by_status.count(("error", "ServiceUnavailable")) == len(cut)
+    assert all(r.output_tokens > 0 and r.charged_tokens == r.audio_tokens + r.input_tokens + r.output_tokens
+               for r in rows)  # settled with what they used, before the store closed
+    assert "were cut" in serve.err.read_text()

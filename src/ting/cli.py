@@ -18,9 +18,12 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from types import FrameType
 
 from ting import __version__
 from ting.config import Settings, add_arguments, from_args
+
+CUT_GRACE_S = 15.0  # past --drain-timeout-s, time for cut requests to send their error and settle
 
 
 def setup_logging(level: str) -> None:
@@ -87,15 +90,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ting.api.app import create_app
 
     app = create_app(settings)
+    runtime = app.state.runtime
     log.info("Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
              __version__, settings.host, settings.port, settings.host, settings.port, settings.model)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            if runtime.loop is not None:  # readiness turns false at once; the drain clock starts
+                runtime.loop.call_soon_threadsafe(runtime.begin_drain)
+
     # uvicorn drains in-flight requests on SIGTERM / SIGINT, then raises the signal again so the exit status shows
-    # it; after a clean drain Ting exits 0 instead. (A second signal during the drain still forces the exit.)
+    # it; Ting exits 0 after a clean drain instead, 1 when requests had to be cut. (A second signal during the
+    # drain still forces the exit.) uvicorn's own deadline is a backstop past Ting's drain, which cuts first.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s), proxy_headers=True,
-                forwarded_allow_ips="127.0.0.1", lifespan="on")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s + CUT_GRACE_S), proxy_headers=True,
+                            forwarded_allow_ips="127.0.0.1", lifespan="on")
+    Server(config).run()
+    if not runtime.drain_clean:
+        print(f"ting: requests still running after --drain-timeout-s {settings.drain_timeout_s:g} were cut "
+              f"(each got an error and was settled with what it used)", file=sys.stderr)
+        return 1
     return 0
 
 

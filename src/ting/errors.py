@@ -29,6 +29,7 @@ Errors are raised, never returned. Each class knows its HTTP status and its Dash
   + ConcurrencyLimited         429 Throttling (per-key concurrent requests)
   + Overloaded                 503 ServiceUnavailable (the engine's admission queue is full)
   + NotReady                   503 ModelUnavailable (model still loading, or shutting down)
+  + ShuttingDown               503 ServiceUnavailable (cut at the end of the drain)
   + EngineError                500 InternalError (the model failed; never the caller's fault)
   + ModelLoadError             start-up: the checkpoint could not be found or loaded
 """
@@ -261,6 +262,16 @@ class NotReady(TingError):
     default_message = "Model is unavailable, please try again later."
     openai_type = "server_error"
     openai_code = "model_unavailable"
+
+
+class ShuttingDown(TingError):
+    """The server is stopping: a request still running when the drain time ran out, or arriving during it."""
+
+    status = 503
+    code = "ServiceUnavailable"
+    default_message = "The server is shutting down, please try again later."
+    openai_type = "server_error"
+    openai_code = "server_shutting_down"
 
 
 class EngineError(TingError):

@@ -27,6 +27,7 @@ from ting.store import HEARTBEAT_S, Store
 log = logging.getLogger("ting.server")
 
 PURGE_EVERY_S = 600.0
+CUT_SETTLE_S = 10.0  # after the drain time, how long requests that were cut get to send their error and settle
 
 
 class Runtime:
@@ -51,10 +52,12 @@ class Runtime:
         self.lifecycle = Lifecycle(self.store)
         self._service: ChatService | None = None
         self._transcription: TranscriptionService | None = None
-        self.state = "starting"  # starting | loading | ready | failed | stopping
+        self.state = "starting"  # starting | loading | ready | failed | draining | stopping
+        self.drain_clean = True  # False once requests had to be cut at the end of the drain
         self.error = ""
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._draining: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once open
 
     def service(self) -> ChatService:
@@ -120,7 +123,30 @@ class Runtime:
             except Exception:
                 log.exception("housekeeping failed")
 
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests (readiness turns false), let those in flight finish for the drain time,
+        then cut what is left: each gets the protocol's error and is settled with what it used."""
+        if self.state in ("draining", "stopping"):
+            return
+        self.state = "draining"
+        self._draining = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        timeout_s = self.settings.drain_timeout_s
+        if await self.lifecycle.wait_idle(timeout_s):
+            return
+        self.drain_clean = False
+        log.warning("the drain took over %g s: cutting the %d requests still in flight", timeout_s,
+                    len(self.lifecycle.open))
+        if self.engine is not None and self._owns_engine:
+            await asyncio.to_thread(self.engine.stop)  # each request in it ends with ShuttingDown
+        if not await self.lifecycle.wait_idle(CUT_SETTLE_S):
+            log.error("%d requests were not settled after the cut", len(self.lifecycle.open))
+
     async def close(self) -> None:
+        if self._draining is not None:
+            with contextlib.suppress(BaseException):
+                await self._draining  # requests are settled before the store closes
         self.state = "stopping"
         for task in self._tasks:
             task.cancel()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ting.engine.backend import Backend, Prompt, Sampling
 from ting.engine.detokenize import IncrementalDecoder
-from ting.errors import EngineError, Overloaded
+from ting.errors import EngineError, Overloaded, ShuttingDown
 from ting.types import FinishReason, GenerationChunk, Usage
 
 log = logging.getLogger("ting.engine")
@@ -104,7 +104,9 @@ class Scheduler:
             queue=asyncio.Queue(), decoder=IncrementalDecoder(self.backend.detokenize, sampling.stop),
         )
         with self._lock:
-            if self._stopping or not self.alive:
+            if self._stopping:
+                raise ShuttingDown()
+            if not self.alive:
                 raise EngineError("The engine is not running.")
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(retry_after_s=1.0)
@@ -140,7 +142,7 @@ class Scheduler:
             self._running.clear()
             self._waiting.clear()
         for seq in leftovers:
-            seq.emit(EngineError("The server is shutting down."))
+            seq.emit(ShuttingDown())
 
     def _drop_aborted(self) -> None:
         with self._lock:

@@ -85,7 +85,7 @@ class Ticket:
         outcome = Outcome(status, self.usage, self.audio_seconds, code,
                           int((time.monotonic() - self.started) * 1000))
         with anyio.CancelScope(shield=True):
-            await self.lifecycle.settle(self.call, outcome, first_token_ms=self.first_token_ms)
+            await self.lifecycle.settle(self, outcome)
 
     async def __aenter__(self) -> Ticket:
         return self
@@ -100,7 +100,10 @@ class Lifecycle:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.open: set[Ticket] = set()  # admitted, not yet settled
         self._settling: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def admit(self, call: Call, **log_fields: Any) -> Ticket:
         """Authenticate the caller and open the request's ledger row (or refuse it, with a row of its own).
@@ -118,9 +121,22 @@ class Lifecycle:
                 who = await admitting
             except Exception:
                 raise asyncio.CancelledError() from None  # refused: its row is written, nothing to settle
-            await Ticket(self, call, who, started).settle(cancelled)
+            await self._opened(Ticket(self, call, who, started)).settle(cancelled)
             raise
-        return Ticket(self, call, who, started)
+        return self._opened(Ticket(self, call, who, started))
+
+    def _opened(self, ticket: Ticket) -> Ticket:
+        self.open.add(ticket)
+        self._idle.clear()
+        return ticket
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left unsettled; False if some still are after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _admit(self, call: Call, log_fields: dict[str, Any]) -> Principal:
         who = await self.store.keys.authenticate(call.token)
@@ -132,15 +148,16 @@ class Lifecycle:
             raise
         return who
 
-    async def settle(self, call: Call, outcome: Outcome, *, first_token_ms: int | None = None) -> None:
+    async def settle(self, ticket: Ticket, outcome: Outcome) -> None:
         """Record the request in the ledger and the access log, in a task the caller's cancellation cannot stop."""
-        task = asyncio.ensure_future(self._settle(call, outcome, first_token_ms))
+        task = asyncio.ensure_future(self._settle(ticket, outcome))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         with contextlib.suppress(asyncio.CancelledError):  # the settlement goes on; drain() waits for it
             await asyncio.shield(task)
 
-    async def _settle(self, call: Call, outcome: Outcome, first_token_ms: int | None) -> None:
+    async def _settle(self, ticket: Ticket, outcome: Outcome) -> None:
+        call, first_token_ms = ticket.call, ticket.first_token_ms
         u = outcome.usage
         call.log.update(outcome=outcome.status, code=outcome.error_code, audio_s=round(outcome.audio_seconds, 3),
                         audio_tokens=u.audio_tokens, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
@@ -149,6 +166,10 @@ class Lifecycle:
             await self.store.quota.settle(call.request_id, outcome)
         except Exception:
             log.exception("settling %s failed; it stays reserved until the next restart", call.request_id)
+        finally:
+            self.open.discard(ticket)
+            if not self.open:
+                self._idle.set()
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for settlements in flight (at shutdown)."""
