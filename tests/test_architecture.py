@@ -27,3 +27,10 @@ def test_the_code_is_lint_clean() -> None:
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "bench"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_code_type_checks_strictly() -> None:
+    """mypy --strict, with the project's own configuration (pyproject.toml [tool.mypy])."""
+    out = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Success: no issues found" in out.stdout

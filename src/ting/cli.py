@@ -256,7 +256,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = from_args(args)
     try:
-        return asyncio.run(_with_store(settings, lambda store: _keys(args, store)))
+        status: int = asyncio.run(_with_store(settings, lambda store: _keys(args, store)))
+        return status
     except TingError as exc:
         print(f"ting keys: {exc.message}", file=sys.stderr)
         return 1

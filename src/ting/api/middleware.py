@@ -38,7 +38,8 @@ class RequestContext:
         request_id = str(uuid.uuid4())
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        state["access"] = access = {}
+        access: dict[str, Any] = {}
+        state["access"] = access
         started = time.monotonic()
         status = {"code": 0}
 

@@ -27,10 +27,12 @@ __all__ = [
     "HttpFetcher",
     "MediaGuard",
     "ObjectStore",
+    "Resolver",
     "audio_tokens",
     "billed_audio_tokens",
     "parse_data_uri",
     "sniff",
+    "system_resolver",
 ]
 
 

@@ -203,7 +203,7 @@ _SURROUND_WEIGHT = 0.5
 def downmix(planes: np.ndarray, layout: Any) -> np.ndarray:
     """Mono from planar float samples shaped (channels, n)."""
     if planes.shape[0] == 1:
-        return planes[0].astype(np.float32, copy=True)
+        return np.asarray(planes[0], dtype=np.float32).copy()
     names = [c.name for c in layout.channels]
     if len(names) != planes.shape[0]:
         names = [""] * planes.shape[0]  # unknown layout: a plain mean
@@ -212,7 +212,7 @@ def downmix(planes: np.ndarray, layout: Any) -> np.ndarray:
     else:
         weights = np.array([_DOWNMIX_WEIGHTS.get(n, _SURROUND_WEIGHT) for n in names], dtype=np.float32)
     weights /= weights.sum()
-    return (weights @ planes).astype(np.float32)
+    return np.asarray(weights @ planes, dtype=np.float32)
 
 
 def _check_frame(frame: Any) -> None:
@@ -228,7 +228,7 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
     if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:
-        return container.duration / 1_000_000
+        return float(container.duration) / 1_000_000
     return None
 
 

@@ -55,7 +55,7 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
         raise DownloadFailed() from None
     seen: list[IPAddress] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
         if ip not in seen:
             seen.append(ip)
     return seen
@@ -186,12 +186,13 @@ class HttpFetcher:
 
 
 def _refused(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
             return True
-        if "refused" in str(exc).lower():
+        if "refused" in str(cause).lower():
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        cause = cause.__cause__ or cause.__context__
     return False
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class Engine:
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk]:
         """Stream the answer. Closing the iterator early (a client gone) aborts the request at once."""
         seq = self.scheduler.submit(request_id, prompt, sampling)
         try:

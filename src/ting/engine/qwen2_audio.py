@@ -118,7 +118,7 @@ def load(
                 net = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dt)
         else:
             net = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dt)
-            net = net.to(dev)
+            net = net.to(dev)  # type: ignore[arg-type]  # (transformers' stubs: .to(device) is fine)
         try:
             generation = GenerationConfig.from_pretrained(path)
         except OSError:
@@ -211,10 +211,10 @@ def _use_skinny_linear(model: torch.nn.Module, blocked: bool) -> None:
 
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_skinny_linear, module)
+            module.forward = types.MethodType(_skinny_linear, module)  # type: ignore[method-assign]
             if blocked:
                 bias = module.bias.detach().to_mkldnn() if module.bias is not None else None
-                module._ting_blocked = (module.weight.detach().to_mkldnn(), bias)
+                module._ting_blocked = (module.weight.detach().to_mkldnn(), bias)  # type: ignore[assignment]
 
 
 # --- the KV cache ------------------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ class SlotCache:
     def begin_step(self, rows: int, positions: torch.Tensor, kv_len: int) -> None:
         self._mode = ("step", rows, positions, kv_len, torch.arange(rows, device=self.device))
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._mode[0] == "batch":  # several prompts, right-padded to one length, each into its own row
             rows, length = self._mode[1], key.shape[2]
@@ -317,7 +318,7 @@ class Qwen2AudioBackend:
         self.batched_prefills = 0  # prefills that took several prompts in one pass
         self.device, self.dtype, self.path = device, dtype, path
         self.tokenizer = processor.tokenizer
-        text = model.config.text_config
+        text: Any = model.config.text_config
         self.max_model_len = min(max_model_len, text.max_position_embeddings)
         self.audio_token_id = model.config.audio_token_id
         self.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else 0

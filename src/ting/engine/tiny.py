@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -64,7 +65,7 @@ A man is speaking in a quiet room. Glass is breaking. A dog is barking in the di
 音乐里有钢琴和小提琴。一只狗在远处叫。谢谢收听。
 """
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=4, layers=2, enc_width=64, enc_heads=4,
                  enc_ffn=128, enc_layers=2, real_vocab=False, init_std=0.4, weights=True),
     "real-width": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=2, enc_width=1280,
@@ -94,14 +95,15 @@ def build_tokenizer(real_vocab: bool) -> Qwen2Tokenizer:
     for offset, token in enumerate(SPECIAL_TOKENS):
         vocab[token] = first_special + offset
     return Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        vocab=vocab, merges=merges, unk_token=None,  # type: ignore[arg-type]  # (stubs narrower than the code)
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
         padding_side="left", extra_special_tokens=SPECIAL_TOKENS[1:],
     )
 
 
 def build_config(preset: str, tokenizer: Qwen2Tokenizer, layers: int | None = None) -> Qwen2AudioConfig:
     p = PRESETS[preset]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids: dict[str, Any] = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = REAL_VOCAB_SIZE if p["real_vocab"] else len(tokenizer)
     config = Qwen2AudioConfig(
         audio_config=dict(

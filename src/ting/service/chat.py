@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -78,7 +78,7 @@ class Generation:
     stream closed early (the engine request is aborted then).
     """
 
-    def __init__(self, ticket: Ticket, stream: AsyncIterator[GenerationChunk], first: GenerationChunk,
+    def __init__(self, ticket: Ticket, stream: AsyncGenerator[GenerationChunk], first: GenerationChunk,
                  billed_audio_tokens: int) -> None:
         self.ticket = ticket
         self.request_id = ticket.request_id
@@ -156,7 +156,7 @@ class ChatService:
             sampling = self.engine.resolve(params, prompt)
             billed = sum(billed_audio_tokens(len(c.samples)) for c in clips)
             await ticket.reserve(prompt.text_tokens + billed + sampling.max_tokens)
-            stream = aiter(self.engine.generate(prompt, sampling, request_id=call.request_id))
+            stream = self.engine.generate(prompt, sampling, request_id=call.request_id)
             try:
                 first = await anext(stream)
             except BaseException:

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -68,7 +69,7 @@ class Principal:
     max_concurrency: int | None = None
 
 
-def _info(row: sa.Row) -> KeyInfo:
+def _info(row: sa.Row[Any]) -> KeyInfo:
     return KeyInfo(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, expires_at=row.expires_at,
                    revoked_at=row.revoked_at, quota_tokens=row.quota_tokens, spent_tokens=row.spent_tokens,
                    reserved_tokens=row.reserved_tokens, rpm=row.rpm, max_concurrency=row.max_concurrency)
@@ -99,7 +100,7 @@ class Keys:
         )
         async with self.db.write() as conn:
             await conn.execute(api_keys.insert().values(**values))
-        return key, KeyInfo(**{k: v for k, v in values.items() if k != "key_hash"})
+        return key, KeyInfo(**{k: v for k, v in values.items() if k != "key_hash"})  # type: ignore[arg-type]
 
     async def list(self) -> list[KeyInfo]:
         rows = await self.db.read(sa.select(api_keys).order_by(api_keys.c.created_at))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -55,5 +56,5 @@ class Ledger:
                              int(r[4] or 0), int(r[5] or 0), float(r[6] or 0), int(r[7] or 0), int(r[8] or 0),
                              int(r[9] or 0), int(r[10] or 0)) for r in rows]
 
-    async def rows(self, *, limit: int = 100_000) -> list[sa.Row]:
+    async def rows(self, *, limit: int = 100_000) -> list[sa.Row[Any]]:
         return await self.db.read(sa.select(ledger).order_by(ledger.c.id).limit(limit))

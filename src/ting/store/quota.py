@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -66,7 +67,7 @@ class Quota:
         self.db = db
         self.instance_id = instance_id
 
-    async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row:
+    async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row[Any]:
         query = sa.select(api_keys).where(api_keys.c.id == key_id)
         if self.db.for_update:
             query = query.with_for_update()

@@ -30,7 +30,7 @@ from ting.api.runtime import runtime_of
 from ting.api.streaming import compact_json, event_stream, until_disconnected
 from ting.errors import AudioEmpty, AudioTooLarge, InvalidParameter, TingError
 from ting.service import Call, transcription_call
-from ting.types import GenerationChunk, Usage
+from ting.types import FinishReason, GenerationChunk, Usage
 
 router = APIRouter(tags=["OpenAI"])
 PREFIXES = ("/v1", "/compatible-mode/v1")
@@ -67,7 +67,7 @@ class _Frames:
         self.request_id, self.model, self.include_usage, self.usage = request_id, model, include_usage, usage
         self.created = int(time.time())
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> bytes:
+    def _chunk(self, delta: dict[str, str], finish_reason: FinishReason | None) -> bytes:
         return _data(chunk_body(self.request_id, self.model, self.created, delta, finish_reason, self.include_usage))
 
     def opening(self) -> Iterable[bytes]:
@@ -92,7 +92,7 @@ async def models(request: Request) -> ModelList:
     runtime = runtime_of(request)
     await runtime.store.keys.authenticate(bearer(request))
     created = int(runtime.started_at)
-    return ModelList(data=[{"id": name, "created": created} for name in runtime.models.names])  # type: ignore[misc]
+    return ModelList(data=[{"id": name, "created": created} for name in runtime.models.names])
 
 
 async def _audio_form(request: Request, task: str) -> Response:
