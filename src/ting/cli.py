@@ -17,11 +17,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ting import __version__
 from ting.config import Settings, add_arguments, from_args
+
+if TYPE_CHECKING:
+    from ting.store import Store
 
 CUT_GRACE_S = 15.0  # past --drain-timeout-s, time for cut requests to send their error and settle
 
@@ -240,13 +244,13 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-async def _with_store(settings: Settings, action):  # type: ignore[no-untyped-def]
+async def _with_store(settings: Settings, action: Callable[[Store], Awaitable[None]]) -> None:
     from ting.store import Store
 
     store = Store(settings.database_url, home=settings.home_path)
     try:
         await store.open()
-        return await action(store)
+        await action(store)
     finally:
         await store.close()
 
@@ -256,73 +260,79 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = from_args(args)
     try:
-        status: int = asyncio.run(_with_store(settings, lambda store: _keys(args, store)))
-        return status
+        asyncio.run(_with_store(settings, lambda store: args.action(args, store)))
     except TingError as exc:
         print(f"ting keys: {exc.message}", file=sys.stderr)
         return 1
-
-
-async def _keys(args: argparse.Namespace, store) -> int:  # type: ignore[no-untyped-def]
-    if args.keys_command == "create":
-        key, info = await store.keys.create(
-            name=args.name, quota_tokens=args.quota_tokens or None, expires_days=args.expires_days or None,
-            rpm=args.rpm, max_concurrency=args.max_concurrency)
-        print(key)
-        print(f"Created {info.id} ({info.name or 'no name'}): quota "
-              f"{info.quota_tokens if info.quota_tokens is not None else 'unlimited'} tokens, expires "
-              f"{_when(info.expires_at)}, {info.rpm or 'unlimited'} requests/min, "
-              f"{info.max_concurrency or 'unlimited'} at once. Store the key now: it is not shown again.",
-              file=sys.stderr)
-    elif args.keys_command == "list":
-        rows = [[k.id, k.name, k.prefix + "…", k.state(), str(k.quota_tokens if k.quota_tokens is not None else "-"),
-                 str(k.spent_tokens), str(k.reserved_tokens), str(k.rpm or "-"), str(k.max_concurrency or "-"),
-                 _when(k.created_at), _when(k.expires_at)] for k in await store.keys.list()]
-        print(_table(rows, ["ID", "NAME", "KEY", "STATE", "QUOTA", "SPENT", "RESERVED", "RPM", "AT ONCE", "CREATED",
-                            "EXPIRES"]))
-    elif args.keys_command == "revoke":
-        info = await store.keys.revoke(args.key)
-        print(f"revoked {info.id} ({info.prefix}…) at {_when(info.revoked_at)}")
-    elif args.keys_command == "usage":
-        key_id = (await store.keys.find(args.key)).id if args.key else None
-        since = None
-        if args.since:
-            import datetime
-
-            since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.UTC).timestamp()
-        rows = [[u.key_id or "-", u.key_name, str(u.requests), str(u.ok), str(u.refused), str(u.failed),
-                 f"{u.audio_seconds:.1f}", str(u.audio_tokens), str(u.input_tokens), str(u.output_tokens),
-                 str(u.charged_tokens)] for u in await store.ledger.summary(key_id=key_id, since=since)]
-        print(_table(rows, ["KEY", "NAME", "REQUESTS", "OK", "REFUSED", "FAILED", "AUDIO S", "AUDIO TOK",
-                            "INPUT TOK", "OUTPUT TOK", "CHARGED"]))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ting",
-        description="Ting (听): a self-hosted server for Qwen2-Audio speaking the DashScope and OpenAI APIs.",
-    )
-    parser.add_argument("--version", action="version", version=f"ting {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+async def _keys_create(args: argparse.Namespace, store: Store) -> None:
+    key, info = await store.keys.create(
+        name=args.name, quota_tokens=args.quota_tokens or None, expires_days=args.expires_days or None,
+        rpm=args.rpm, max_concurrency=args.max_concurrency)
+    print(key)
+    print(f"Created {info.id} ({info.name or 'no name'}): quota "
+          f"{info.quota_tokens if info.quota_tokens is not None else 'unlimited'} tokens, expires "
+          f"{_when(info.expires_at)}, {info.rpm or 'unlimited'} requests/min, "
+          f"{info.max_concurrency or 'unlimited'} at once. Store the key now: it is not shown again.",
+          file=sys.stderr)
 
+
+async def _keys_list(args: argparse.Namespace, store: Store) -> None:
+    rows = [[k.id, k.name, k.prefix + "…", k.state(), str(k.quota_tokens if k.quota_tokens is not None else "-"),
+             str(k.spent_tokens), str(k.reserved_tokens), str(k.rpm or "-"), str(k.max_concurrency or "-"),
+             _when(k.created_at), _when(k.expires_at)] for k in await store.keys.list()]
+    print(_table(rows, ["ID", "NAME", "KEY", "STATE", "QUOTA", "SPENT", "RESERVED", "RPM", "AT ONCE", "CREATED",
+                        "EXPIRES"]))
+
+
+async def _keys_revoke(args: argparse.Namespace, store: Store) -> None:
+    info = await store.keys.revoke(args.key)
+    print(f"revoked {info.id} ({info.prefix}…) at {_when(info.revoked_at)}")
+
+
+async def _keys_usage(args: argparse.Namespace, store: Store) -> None:
+    key_id = (await store.keys.find(args.key)).id if args.key else None
+    since = None
+    if args.since:
+        import datetime
+
+        since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.UTC).timestamp()
+    rows = [[u.key_id or "-", u.key_name, str(u.requests), str(u.ok), str(u.refused), str(u.failed),
+             f"{u.audio_seconds:.1f}", str(u.audio_tokens), str(u.input_tokens), str(u.output_tokens),
+             str(u.charged_tokens)] for u in await store.ledger.summary(key_id=key_id, since=since)]
+    print(_table(rows, ["KEY", "NAME", "REQUESTS", "OK", "REFUSED", "FAILED", "AUDIO S", "AUDIO TOK",
+                        "INPUT TOK", "OUTPUT TOK", "CHARGED"]))
+
+
+# --- the parser: one small function per command ---------------------------------------------------------------
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _examples(*lines: str) -> dict[str, Any]:
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _add_serve(sub: Commands) -> None:
     p = sub.add_parser("serve", help="run the server (DashScope and OpenAI APIs)",
                        description="Serve Qwen2-Audio over the DashScope API (/api/v1) and the OpenAI API (/v1). "
                        "Every option is also an environment variable (TING_<OPTION>).",
-                       epilog="examples:\n  ting serve --model tiny                      # offline test model\n"
-                       "  ting serve --model Qwen/Qwen2-Audio-7B-Instruct --host 0.0.0.0 --api-key $KEY",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **_examples("ting serve --model tiny                      # offline test model",
+                                   "ting serve --model Qwen/Qwen2-Audio-7B-Instruct --host 0.0.0.0 --api-key $KEY"))
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_chat(sub: Commands) -> None:
     p = sub.add_parser("chat", help="ask about a recording; the answer streams to the terminal",
                        description="Ask the server about a recording (a file, or an http(s) URL the server may "
                        "fetch). Without a prompt the recording itself is the question (voice chat).",
-                       epilog="examples:\n  ting chat meeting.wav \"What is said?\"\n  ting chat -i interview.mp3"
-                       "              # keep asking about the same recording\n  ting chat question.wav"
-                       "               # voice chat: the recording is the question",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **_examples('ting chat meeting.wav "What is said?"',
+                                   "ting chat -i interview.mp3              # keep asking about the same recording",
+                                   "ting chat question.wav               # voice chat: the recording is the question"))
     p.add_argument("audio", help="audio file or http(s) URL")
     p.add_argument("prompt", nargs="?", default=None, help="what to ask (optional)")
     p.add_argument("-i", "--interactive", action="store_true", help="keep asking follow-up questions (empty line ends)")
@@ -333,13 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _add_transcribe(sub: Commands) -> None:
     p = sub.add_parser("transcribe", help="the words in a recording (text, srt, vtt or json)",
                        description="Transcribe (or translate to English) a recording of up to 10 minutes; long "
                        "recordings are cut into 30 s windows, each a subtitle cue.",
-                       epilog="examples:\n  ting transcribe talk.mp3\n  ting transcribe talk.mp3 --format srt > "
-                       "talk.srt\n  ting transcribe 会议.m4a --language zh --format vtt\n  ting transcribe "
-                       "interview.wav --translate",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **_examples("ting transcribe talk.mp3", "ting transcribe talk.mp3 --format srt > talk.srt",
+                                   "ting transcribe 会议.m4a --language zh --format vtt",
+                                   "ting transcribe interview.wav --translate"))
     p.add_argument("audio", help="audio file or http(s) URL")
     p.add_argument("--format", choices=["text", "srt", "vtt", "json"], default="text", help="output (default text)")
     p.add_argument("--language", default=None, help="the spoken language, as an ISO-639 code (en, zh, yue, ...)")
@@ -348,15 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.set_defaults(func=cmd_transcribe)
 
+
+def _add_keys(sub: Commands) -> None:
     keys = sub.add_parser("keys", help="API keys, quotas and usage",
                           description="Manage API keys in the server's database (the same --home / --database). "
                           "Once any key exists, every API request needs a valid one.",
-                          epilog="examples:\n  ting keys create --name alice --quota-tokens 100000 --rpm 60\n"
-                          "  ting keys list\n  ting keys usage --since 2026-11-01\n  ting keys revoke sk-ting-Ab12",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
-    keys_sub.required = True
-    k = keys_sub.add_parser("create", help="create a key (printed once)")
+                          **_examples("ting keys create --name alice --quota-tokens 100000 --rpm 60", "ting keys list",
+                                      "ting keys usage --since 2026-11-01", "ting keys revoke sk-ting-Ab12"))
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    actions.required = True
+    k = actions.add_parser("create", help="create a key (printed once)")
     k.add_argument("--name", default="", help="who or what the key is for")
     k.add_argument("--quota-tokens", type=int, default=100_000,
                    help="tokens the key may spend (audio + input + output; default 100000, 0 = unlimited)")
@@ -364,16 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="days until the key expires (default 180, 0 = never)")
     k.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
     k.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at once (default: unlimited)")
-    keys_sub.add_parser("list", help="list keys with their balances")
-    k = keys_sub.add_parser("revoke", help="revoke a key")
+    k.set_defaults(action=_keys_create)
+    actions.add_parser("list", help="list keys with their balances").set_defaults(action=_keys_list)
+    k = actions.add_parser("revoke", help="revoke a key")
     k.add_argument("key", help="key id or displayed prefix")
-    k = keys_sub.add_parser("usage", help="usage per key, from the ledger")
+    k.set_defaults(action=_keys_revoke)
+    k = actions.add_parser("usage", help="usage per key, from the ledger")
     k.add_argument("--key", default=None, help="only this key (id or prefix)")
     k.add_argument("--since", default=None, help="only requests since this date (YYYY-MM-DD)")
-    for action in keys_sub.choices.values():
+    k.set_defaults(action=_keys_usage)
+    for action in actions.choices.values():
         add_arguments(action, ["home", "database"])
     keys.set_defaults(func=cmd_keys)
 
+
+def _add_tiny_model(sub: Commands) -> None:
     p = sub.add_parser("tiny-model", help="write a small random-weight Qwen2-Audio checkpoint (offline)",
                        description="Write a deterministic random-weight Qwen2-Audio checkpoint that transformers loads "
                        "unchanged. Tests, CI and offline demos run on it.",
@@ -384,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (real-width default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     p.set_defaults(func=cmd_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ting",
+        description="Ting (听): a self-hosted server for Qwen2-Audio speaking the DashScope and OpenAI APIs.",
+    )
+    parser.add_argument("--version", action="version", version=f"ting {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_serve, _add_chat, _add_transcribe, _add_keys, _add_tiny_model):
+        add(sub)
     return parser
 
 
