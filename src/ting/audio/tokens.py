@@ -8,12 +8,11 @@ per clip.
 
 from __future__ import annotations
 
-from ting.types import SAMPLE_RATE, WINDOW_SAMPLES
+from ting.types import WINDOW_SAMPLES
 
 HOP_SAMPLES = 160  # samples per mel frame (10 ms at 16 kHz)
 MAX_FRAMES = WINDOW_SAMPLES // HOP_SAMPLES  # 3000 mel frames in the 30 s window
 MIN_BILLED_TOKENS = 25  # the hosted API bills at least one second of audio per clip
-TOKENS_PER_SECOND = 25
 
 
 def audio_tokens(num_samples: int) -> int:
@@ -28,7 +27,3 @@ def audio_tokens(num_samples: int) -> int:
 def billed_audio_tokens(num_samples: int) -> int:
     """Audio tokens billed for a clip: what the model sees, but at least 25."""
     return max(audio_tokens(num_samples), MIN_BILLED_TOKENS)
-
-
-def seconds(num_samples: int) -> float:
-    return num_samples / SAMPLE_RATE

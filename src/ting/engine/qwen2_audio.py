@@ -367,8 +367,8 @@ class Qwen2AudioBackend:
         if clips:
             out = self.processor(text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE,
                                  return_tensors="pt")
-            frames = out["feature_attention_mask"].sum(-1).tolist()
-            audio_tokens = tuple(((f - 1) // 2 + 1 - 2) // 2 + 1 for f in frames)
+            frames = out["feature_attention_mask"].sum(-1)
+            audio_tokens = tuple(self.model.model.audio_tower._get_feat_extract_output_lengths(frames)[1].tolist())
             inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
         else:
             out = self.processor(text=text, return_tensors="pt")

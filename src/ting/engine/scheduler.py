@@ -40,8 +40,6 @@ class Sequence:
     decoder: IncrementalDecoder
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's event loop is gone
@@ -173,7 +171,6 @@ class Scheduler:
         try:
             for seq_id, token in self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch]):
                 s = pending.pop(seq_id)
-                s.first_token_at = time.monotonic()
                 self._running[s.id] = s
                 self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
         except Exception as exc:
