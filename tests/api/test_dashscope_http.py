@@ -180,6 +180,9 @@ def check_error(r: httpx.Response, status: int, code: str, message: str | None =
      "InvalidParameter", "The input messages do not contain elements with the role of user."),
     (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "robot", "content": "x"}]}}',
      "InvalidParameter", None),
+    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": "x"}, '
+     b'{"role": "system", "content": "late"}]}}',
+     "InvalidParameter", "The system message must be the first of input.messages."),
     (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"image": "x"}]}]}}',
      "InvalidParameter", None),
     (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": 5}]}]}}',

@@ -97,6 +97,11 @@ def test_chat_errors(client: OpenAI, corpus, engine, tmp_path: Path) -> None:  #
         client.chat.completions.create(model="qwen-audio-turbo", messages=bad_audio)
     assert e.value.status_code == 400 and e.value.code == "invalid_audio"
     assert e.value.body["message"] == "The audio format is illegal and cannot be opened."
+    with pytest.raises(openai.BadRequestError) as e:  # a late system message: refused at the wire, in OpenAI's words
+        client.chat.completions.create(model="qwen-audio-turbo", messages=[
+            {"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}])
+    assert e.value.status_code == 400 and e.value.body["message"] == (
+        "A system (or developer) message must come first in messages.")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="qwen-audio-turbo", n=2, messages=[{"role": "user", "content": "hi"}])
     assert "n must be 1" in e.value.message

@@ -67,8 +67,8 @@ def test_each_clip_gets_its_own_token_count(engine) -> None:
     (user(TextPart("a")), Message("system", (TextPart("late"),))),
     (Message("assistant", (AudioPart("a", clip(1)),)), user(TextPart("x"))),
 ])
-def test_malformed_conversations_are_refused(engine, messages) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(errors.InvalidParameter):
+def test_malformed_conversations_are_bugs_here(engine, messages) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError):  # the wire refuses them first, in each protocol's words
         engine.backend.prepare(messages)
 
 

@@ -11,21 +11,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ting.errors import InvalidParameter
 from ting.types import AudioClip, AudioPart, Message, TextPart
 
 
 def template_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[AudioClip]]:
-    """The template's messages, and the decoded clips in the order their placeholders appear."""
-    if not messages:
-        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    """The template's messages, and the decoded clips in the order their placeholders appear.
+
+    The wire protocols refuse malformed conversations in their own words (api/<protocol>/convert.py); here a
+    malformed one is a bug, and raises ValueError.
+    """
     if not any(m.role == "user" for m in messages):
-        raise InvalidParameter("The input messages do not contain elements with the role of user.")
+        raise ValueError("a conversation needs a user message")
     shaped: list[dict[str, Any]] = []
     clips: list[AudioClip] = []
     for i, message in enumerate(messages):
         if message.role == "system" and i != 0:
-            raise InvalidParameter("The system message must come first.")
+            raise ValueError("the system message must come first")
         if message.role == "user":
             content: list[dict[str, str]] = []
             for part in message.parts:
@@ -39,7 +40,7 @@ def template_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]]
             shaped.append({"role": "user", "content": content})
         else:
             if any(isinstance(p, AudioPart) for p in message.parts):
-                raise InvalidParameter(f"Audio is only accepted in user messages, not in {message.role} messages.")
+                raise ValueError(f"audio in a {message.role} message")
             text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
             shaped.append({"role": message.role, "content": text})
     return shaped, clips

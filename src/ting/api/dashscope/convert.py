@@ -25,6 +25,8 @@ def to_chat_request(req: GenerationRequest) -> tuple[ChatRequest, bool]:
         domain.append(Message(m.role, _parts(m.role, m.content, i)))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in domain):
         raise InvalidParameter("The input messages do not contain elements with the role of user.")
+    if any(m.role == "system" for m in domain[1:]):
+        raise InvalidParameter("The system message must be the first of input.messages.")
     params = req.parameters or GenerationParameters()
     chat = ChatRequest(model=req.model, messages=tuple(domain), sampling=sampling(params))
     return chat, bool(params.incremental_output)

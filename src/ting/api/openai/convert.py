@@ -26,6 +26,8 @@ def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
         messages.append(Message(role, _parts(role, m.content, i)))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in messages):
         raise InvalidParameter("messages must contain at least one user message.")
+    if any(m.role == "system" for m in messages[1:]):
+        raise InvalidParameter("A system (or developer) message must come first in messages.")
     return ChatRequest(model=req.model, messages=tuple(messages), sampling=sampling(req))
 
 
