@@ -12,6 +12,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ting.errors import PayloadTooLarge, TingError
+from ting.service import Report
 
 access_log = logging.getLogger("ting.access")
 log = logging.getLogger("ting.server")
@@ -22,7 +23,7 @@ ErrorRenderer = Callable[[Scope, TingError], tuple[int, list[tuple[bytes, bytes]
 class RequestContext:
     """Gives every HTTP request an id (scope state "request_id", header X-Request-Id) and an access-log line.
 
-    Routes add what they know (model, tokens, ...) to scope state "access"; the line is written once the
+    The service fills in the request's Report (scope state "report": model, tokens, ...); the line is written once the
     response is over (or the client is gone). Nothing secret goes in it: no audio, no base64, no keys.
     An unexpected exception becomes a 500 in the protocol's envelope here, inside the request id's reach (status 499
     is kept for clients that really hung up).
@@ -38,8 +39,7 @@ class RequestContext:
         request_id = str(uuid.uuid4())
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        access: dict[str, Any] = {}
-        state["access"] = access
+        state["report"] = report = Report()
         started = time.monotonic()
         status = {"code": 0}
 
@@ -55,8 +55,8 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except Exception:  # a fault of ours: a 500 in the protocol's envelope, with the request id, logged once
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            access.setdefault("outcome", "error")
-            access.setdefault("code", "InternalError")
+            if report.outcome is None:
+                report.outcome, report.code = "error", "InternalError"
             if not status["code"]:
                 code, headers, body = self.render(scope, TingError())
                 await send_with_id({"type": "http.response.start", "status": code, "headers": headers})
@@ -65,7 +65,7 @@ class RequestContext:
             line: dict[str, Any] = {"request_id": state.get("request_id", request_id), "method": scope["method"],
                                     "path": scope["path"], "status": status["code"] or 499,
                                     "latency_ms": int((time.monotonic() - started) * 1000)}
-            line.update(access)
+            line.update(report.fields())
             access_log.info(json.dumps(line, ensure_ascii=False))
 
 

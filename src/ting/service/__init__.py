@@ -4,7 +4,7 @@ request lifecycle (lifecycle.py: admission, outcome, settlement)."""
 from __future__ import annotations
 
 from ting.service.chat import ChatService, Generation, ModelLimits, Models
-from ting.service.lifecycle import Call, ClientGone, Lifecycle, Ticket, outcome_of
+from ting.service.lifecycle import Call, ClientGone, Lifecycle, Report, Ticket, outcome_of
 from ting.service.transcription import (
     Segment,
     Transcript,
@@ -13,5 +13,6 @@ from ting.service.transcription import (
     transcription_call,
 )
 
-__all__ = ["Call", "ChatService", "ClientGone", "Generation", "Lifecycle", "ModelLimits", "Models", "Segment",
-           "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "outcome_of", "transcription_call"]
+__all__ = ["Call", "ChatService", "ClientGone", "Generation", "Lifecycle", "ModelLimits", "Models", "Report",
+           "Segment", "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "outcome_of",
+           "transcription_call"]

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,26 @@ from ting.types import ChatRequest, Usage
 log = logging.getLogger("ting.service")
 
 
+@dataclass
+class Report:
+    """What the access log says of a request, filled in as it goes. Nothing secret: no audio, no text, no keys."""
+
+    protocol: str | None = None
+    model: str | None = None
+    key: str | None = None  # the key's id or name, never the key
+    task: str | None = None  # transcribe | translate
+    outcome: str | None = None  # ok | refused | error | aborted
+    code: str | None = None
+    audio_s: float | None = None
+    audio_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    first_token_ms: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass(frozen=True)
 class Call:
     """One request, as a protocol hands it over."""
@@ -38,7 +58,7 @@ class Call:
     token: str | None  # the bearer token
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     oss_resolve: bool = True  # DashScope: the X-DashScope-OssResourceResolve header was sent
-    log: dict[str, Any] = field(default_factory=dict)  # filled in for the access log (nothing secret)
+    report: Report = field(default_factory=Report)  # for the access log
 
 
 class ClientGone(Exception):
@@ -105,7 +125,7 @@ class Lifecycle:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def admit(self, call: Call, **log_fields: Any) -> Ticket:
+    async def admit(self, call: Call, *, task: str | None = None) -> Ticket:
         """Authenticate the caller and open the request's ledger row (or refuse it, with a row of its own).
 
         A caller cancelled meanwhile (a client hanging up: Task.cancel() from the API layer) does not leave an
@@ -113,7 +133,7 @@ class Lifecycle:
         settled and the cancellation goes on.
         """
         started = time.monotonic()
-        admitting = asyncio.ensure_future(self._admit(call, log_fields))
+        admitting = asyncio.ensure_future(self._admit(call, task))
         try:
             who = await asyncio.shield(admitting)
         except asyncio.CancelledError as cancelled:
@@ -138,13 +158,15 @@ class Lifecycle:
             return False
         return True
 
-    async def _admit(self, call: Call, log_fields: dict[str, Any]) -> Principal:
+    async def _admit(self, call: Call, task: str | None) -> Principal:
         who = await self.store.keys.authenticate(call.token)
-        call.log.update(protocol=call.protocol, model=call.request.model, key=who.key_id or who.name, **log_fields)
+        report = call.report
+        report.protocol, report.model, report.key, report.task = call.protocol, call.request.model, \
+            who.key_id or who.name, task
         try:
             await self.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
         except TingError as exc:
-            call.log.update(outcome=outcome_of(exc)[0], code=exc.code)
+            report.outcome, report.code = outcome_of(exc)
             raise
         return who
 
@@ -157,11 +179,11 @@ class Lifecycle:
             await asyncio.shield(task)
 
     async def _settle(self, ticket: Ticket, outcome: Outcome) -> None:
-        call, first_token_ms = ticket.call, ticket.first_token_ms
-        u = outcome.usage
-        call.log.update(outcome=outcome.status, code=outcome.error_code, audio_s=round(outcome.audio_seconds, 3),
-                        audio_tokens=u.audio_tokens, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                        first_token_ms=first_token_ms)
+        call, u, report = ticket.call, outcome.usage, ticket.call.report
+        report.outcome, report.code = outcome.status, outcome.error_code
+        report.audio_s = round(outcome.audio_seconds, 3)
+        report.audio_tokens, report.input_tokens, report.output_tokens = u.audio_tokens, u.input_tokens, u.output_tokens
+        report.first_token_ms = ticket.first_token_ms
         try:
             await self.store.quota.settle(call.request_id, outcome)
         except Exception:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from ting.audio import AudioLoader, billed_audio_tokens
 from ting.engine import Engine, Prompt, Sampling
 from ting.errors import AudioError, InvalidParameter
 from ting.service.chat import Models, first_error
-from ting.service.lifecycle import Call, Lifecycle, Ticket
+from ting.service.lifecycle import Call, Lifecycle, Report, Ticket
 from ting.types import (
     MIN_SAMPLES,
     SAMPLE_RATE,
@@ -216,6 +215,6 @@ class TranscriptionService:
 
 
 def transcription_call(model: str, protocol: str, token: str | None, request_id: str,
-                       log: dict[str, Any] | None = None) -> Call:
+                       report: Report | None = None) -> Call:
     """A Call for a transcription: its ChatRequest only names the model (the audio comes as bytes)."""
-    return Call(ChatRequest(model=model, messages=()), protocol, token, request_id, log={} if log is None else log)
+    return Call(ChatRequest(model=model, messages=()), protocol, token, request_id, report=report or Report())

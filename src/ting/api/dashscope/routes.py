@@ -40,7 +40,7 @@ async def generation(request: Request, body: GenerationRequest) -> Response:
     streaming = request.headers.get("x-dashscope-sse", "").strip().lower() == "enable"
     resolve = request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable"
     call = Call(chat, "dashscope", bearer(request), request.state.request_id,
-                oss_resolve=resolve or not runtime.settings.require_oss_resolve, log=request.state.access)
+                oss_resolve=resolve or not runtime.settings.require_oss_resolve, report=request.state.report)
     gen = await runtime.service().start(call)
     if streaming:
         return StreamingResponse(event_stream(gen, _Frames(gen.request_id, incremental), runtime.settings.heartbeat_s),

@@ -41,7 +41,7 @@ FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     chat = to_chat_request(body)
     runtime = runtime_of(request)
-    call = Call(chat, "openai", bearer(request), request.state.request_id, log=request.state.access)
+    call = Call(chat, "openai", bearer(request), request.state.request_id, report=request.state.report)
     gen = await runtime.service().start(call)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -121,7 +121,7 @@ async def _audio_form(request: Request, task: str) -> Response:
     target = str(form.get("target_language") or "en") if task == "translate" else "en"
     if task == "translate":
         language = None  # the source language is detected; `language` names it in transcriptions only
-    call = transcription_call(model, "openai", bearer(request), request.state.request_id, request.state.access)
+    call = transcription_call(model, "openai", bearer(request), request.state.request_id, request.state.report)
     transcript = await until_disconnected(request, runtime.transcription().run(
         data, call, task=task, language=language or None, prompt=str(form.get("prompt") or "") or None,
         temperature=temperature, target=target))
