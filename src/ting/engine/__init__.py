@@ -7,6 +7,7 @@ Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loa
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from ting.types import GenerationChunk, Message, SamplingParams
 __all__ = ["Engine", "Prompt", "Sampling", "Stats"]
 
 TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes (a negative seed is taken modulo 2^64)
 
 
 class Engine:
@@ -104,6 +106,7 @@ class Engine:
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
                 or sampling.repetition_penalty <= 0:
             raise InvalidParameter()
+        _check_finite_and_in_range(sampling)
         return sampling
 
     async def generate(
@@ -122,3 +125,15 @@ class Engine:
         finally:
             if not seq.finished:
                 self.scheduler.abort(seq)
+
+
+def _check_finite_and_in_range(s: Sampling) -> None:
+    """What the wire let through must still be something the model can take: checked before the request joins
+    a batch, so that it fails alone and at once (400), not inside a batched pass on the engine thread."""
+    floats = {"temperature": s.temperature, "top_p": s.top_p, "repetition_penalty": s.repetition_penalty,
+              "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty}
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise InvalidParameter(f"{name} must be a finite number.")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not SEED_MIN <= s.seed <= SEED_MAX:
+        raise InvalidParameter(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}].")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -85,7 +86,7 @@ def sampling(p: GenerationParameters) -> SamplingParams:
         raise InvalidParameter("Range of top_k should be [0, 100] (0 or above 100 disables it)")
     if p.seed is not None and not 0 <= p.seed <= SEED_MAX:
         raise InvalidParameter(f"Range of seed should be [0, {SEED_MAX}]")
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+    if p.repetition_penalty is not None and not 0 < p.repetition_penalty < math.inf:
         raise InvalidParameter("Repetition_penalty should be greater than 0.0")
     if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
         raise InvalidParameter("Presence_penalty should be in [-2.0, 2.0]")
