@@ -54,3 +54,22 @@ def test_any_int64_seed_is_served(server: LiveServer, seed: int) -> None:
 @pytest.mark.parametrize("seed", [2**64, 2**31, -1, 1.5])
 def test_a_dashscope_seed_outside_its_range_is_a_400(server: LiveServer, seed: Any) -> None:
     assert "seed" in dashscope_error(post(server, dashscope(seed=seed)))
+
+
+# --- stop lists (issue 9, item 2) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(200_000)], [f"s{i}" for i in range(17)], ["x" * 257],
+                                  list(range(17)), [-1], [2**40]])
+def test_a_dashscope_stop_list_past_its_bounds_is_a_400(server: LiveServer, stop: list[Any]) -> None:
+    assert "stop" in dashscope_error(post(server, dashscope(stop=stop)))
+
+
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(16)], ["x" * 256], list(range(16)), "\n\n"])
+def test_a_dashscope_stop_list_within_its_bounds_is_served(server: LiveServer, stop: Any) -> None:
+    assert post(server, dashscope(stop=stop)).status_code == 200
+
+
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(5)], ["x" * 257], "x" * 257])
+def test_an_openai_stop_list_past_its_bounds_is_a_400(server: LiveServer, stop: Any) -> None:
+    assert "stop" in openai_error(post(server, openai(stop=stop), path=OPENAI_CHAT))["message"]

@@ -13,6 +13,8 @@ from ting.service import Segment, Transcript
 from ting.service.transcription import LANGUAGES
 from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
 
+MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop sequence
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FORMAT = re.compile(r"^[a-z0-9.+-]{1,16}$")
@@ -89,8 +91,10 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
     if req.modalities and set(req.modalities) - {"text"}:
         raise InvalidParameter("Only text output is supported (modalities: [\"text\"]).")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > 4:
-        raise InvalidParameter("stop takes at most 4 sequences.")
+    if len(stop) > MAX_STOP:
+        raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidParameter(f"Each stop sequence takes at most {MAX_STOP_CHARS} characters.")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     temperature = req.temperature
     top_p = req.top_p
