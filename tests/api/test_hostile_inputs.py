@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -34,6 +36,76 @@ def openai_error(r: Any) -> dict[str, Any]:
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error"
     return dict(error)
+
+
+class CountedPrepare:
+    """Wraps the real backend's prepare (chat template, tokenizer, feature extractor): counts calls, names threads."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.calls, self.threads = inner, 0, set()
+        self._lock = threading.Lock()
+
+    def __call__(self, messages):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.calls += 1
+            self.threads.add(threading.current_thread().name)
+        return self.inner(messages)
+
+
+@pytest.fixture
+def prepared(engine, monkeypatch: pytest.MonkeyPatch) -> CountedPrepare:  # type: ignore[no-untyped-def]
+    counted = CountedPrepare(engine.backend.prepare)
+    monkeypatch.setattr(engine.backend, "prepare", counted)
+    return counted
+
+
+# --- huge prompts (issue 9, item 1) ----------------------------------------------------------------------------
+
+TOO_MANY_CHARS = "a" * 96_001  # 16 characters per token of qwen-audio-turbo's 6,000: refused before tokenizing
+BODY_SIZED = "字" * (10 * 1024 * 1024)  # 30 MiB of UTF-8: under the 32 MiB body limit, past any text bound
+
+
+def test_a_prompt_too_long_to_fit_is_refused_without_tokenizing(server: LiveServer, prepared: CountedPrepare) -> None:
+    assert dashscope_error(post(server, dashscope(TOO_MANY_CHARS))) == "Range of input length should be [1, 6000]"
+    error = openai_error(post(server, openai(TOO_MANY_CHARS), path=OPENAI_CHAT))
+    assert error["message"] == "Range of input length should be [1, 6000]"
+    assert error["code"] == "context_length_exceeded"
+    assert prepared.calls == 0
+
+
+def test_absurd_bodies_are_refused_at_validation(server: LiveServer, prepared: CountedPrepare) -> None:
+    assert "at most 1048576 characters" in dashscope_error(post(server, dashscope(BODY_SIZED)))
+    parts = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": BODY_SIZED}]}]}}
+    assert "input.messages.0.content.0.text" in dashscope_error(post(server, parts))
+    assert "at most 1048576 characters" in openai_error(post(server, openai(BODY_SIZED), path=OPENAI_CHAT))["message"]
+    many = [{"role": "user", "content": "hi"}] * 1025
+    error = openai_error(post(server, {**openai(), "messages": many}, path=OPENAI_CHAT))
+    assert "at most 1024 items" in error["message"]
+    body = dashscope()
+    body["input"]["messages"] = many
+    assert "at most 1024 items" in dashscope_error(post(server, body))
+    assert prepared.calls == 0
+
+
+def test_a_prompt_within_the_estimate_is_tokenized_on_its_own_threads(server: LiveServer,
+                                                                        prepared: CountedPrepare) -> None:
+    assert dashscope_error(post(server, dashscope("a" * 60_000))) == "Range of input length should be [1, 6000]"
+    assert post(server, dashscope("What is said?")).status_code == 200
+    assert prepared.calls == 2
+    assert all(name.startswith("ting-prepare") for name in prepared.threads), prepared.threads
+
+
+def test_an_ordinary_request_is_served_while_huge_ones_are_in_flight(server: LiveServer,
+                                                                     prepared: CountedPrepare) -> None:
+    huge = [lambda: post(server, dashscope(BODY_SIZED)), lambda: post(server, openai(BODY_SIZED), path=OPENAI_CHAT),
+            lambda: post(server, dashscope(TOO_MANY_CHARS)),
+            lambda: post(server, openai(TOO_MANY_CHARS), path=OPENAI_CHAT)] * 2
+    with ThreadPoolExecutor(len(huge) + 1) as pool:
+        refused = [pool.submit(h) for h in huge]
+        ordinary = pool.submit(post, server, dashscope("What is said?"))
+        assert ordinary.result().status_code == 200
+        assert [f.result().status_code for f in refused] == [400] * len(huge)
+    assert prepared.calls == 1  # the ordinary request's
 
 
 # --- seeds (issue 9, item 7) -----------------------------------------------------------------------------------

@@ -44,12 +44,22 @@ def _response(request: Request, exc: TingError) -> Response:
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    # A size bound broken inside a union (text or list of parts) also fails the other branch: name the bound.
+    first = next((e for e in errors if e.get("type") in SIZE_ERRORS), errors[0] if errors else {})
     if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and "dict" in first.get("msg", "")):
         return _response(request, IllegalJson())
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p)))
     return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
                                                f"parameters. {where}: {first.get('msg', '')}".strip()))
+
+
+SIZE_ERRORS = ("string_too_long", "too_long")
+
+
+def _union_branch(part: str) -> bool:
+    """pydantic's name for a branch of a union in an error's location (constrained-str, list[ContentItem])."""
+    return part in ("str", "int", "float", "bool") or part.startswith(("constrained-", "list[", "dict["))
 
 
 class _Playground(StaticFiles):

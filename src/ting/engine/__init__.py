@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,9 @@ from ting.types import GenerationChunk, Message, SamplingParams
 __all__ = ["Engine", "Prompt", "Sampling", "Stats"]
 
 TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
+# Tokenizing and feature extraction run on threads of their own: never on the event loop's default executor, where
+# they would queue in front of (and behind) audio decoding and file reads.
+PREPARE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes (a negative seed is taken modulo 2^64)
 
 
@@ -30,6 +35,7 @@ class Engine:
         self.backend = backend
         self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
                                    prefill_token_budget=prefill_token_budget)
+        self._preparing: ThreadPoolExecutor | None = None
 
     @classmethod
     def load(
@@ -75,10 +81,16 @@ class Engine:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self._preparing is not None:
+            self._preparing.shutdown(wait=False, cancel_futures=True)
+            self._preparing = None
 
     async def prepare(self, messages: Sequence[Message]) -> Prompt:
-        """Render the chat template, tokenize, extract audio features (off the event loop)."""
-        return await asyncio.to_thread(self.backend.prepare, messages)
+        """Render the chat template, tokenize, extract audio features (off the event loop, on threads of their
+        own, PREPARE_THREADS at a time)."""
+        if self._preparing is None:
+            self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ting-prepare")
+        return await asyncio.get_running_loop().run_in_executor(self._preparing, self.backend.prepare, messages)
 
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling:
         """Fill unset parameters from the checkpoint's generation config and check them."""

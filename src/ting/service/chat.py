@@ -189,6 +189,7 @@ class ChatService:
         try:
             limits = self.models.get(request.model)
             params = self._check_params(request.sampling, limits)
+            refuse_what_cannot_fit(request, limits)
             clips = await self._load_audio(call, who)
             messages = _with_clips(request.messages, clips)
             prompt = await self.engine.prepare(messages)
@@ -255,6 +256,19 @@ class ChatService:
         """Wait for settlements in flight (at shutdown)."""
         if self._settling:
             await asyncio.wait(list(self._settling), timeout=timeout_s)
+
+
+# A cheap estimate, before any audio is fetched or any text tokenized, of whether a prompt can fit: every message
+# costs at least 4 template tokens (role header, end marker), and a text of more than 16 characters per allowed token
+# (98,304 characters for 6,144 tokens; English runs at about 4 per token, Chinese under 2) cannot fit either.
+MIN_TOKENS_PER_MESSAGE = 4
+MAX_CHARS_PER_TOKEN = 16
+
+
+def refuse_what_cannot_fit(request: ChatRequest, limits: ModelLimits) -> None:
+    if (request.text_chars > MAX_CHARS_PER_TOKEN * limits.max_input_tokens
+            or MIN_TOKENS_PER_MESSAGE * len(request.messages) > limits.max_input_tokens):
+        raise InputTooLong(f"Range of input length should be [1, {limits.max_input_tokens}]")
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
