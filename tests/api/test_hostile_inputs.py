@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests import corpus as C
 from tests.api.conftest import LiveServer, post
+from ting.audio.decode import DecoderPool
+from ting.config import Settings
 
 OPENAI_CHAT = "/v1/chat/completions"
 
@@ -145,3 +150,41 @@ def test_a_dashscope_stop_list_within_its_bounds_is_served(server: LiveServer, s
 @pytest.mark.parametrize("stop", [[f"s{i}" for i in range(5)], ["x" * 257], "x" * 257])
 def test_an_openai_stop_list_past_its_bounds_is_a_400(server: LiveServer, stop: Any) -> None:
     assert "stop" in openai_error(post(server, openai(stop=stop), path=OPENAI_CHAT))["message"]
+
+
+# --- hours of audio to transcribe (issue 9, item 3) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not C.have("ffmpeg"):
+        pytest.skip("ffmpeg is needed")
+    return C.long_recordings(tmp_path_factory.mktemp("long"))
+
+
+def transcribe(server: LiveServer, path: Path) -> httpx.Response:
+    with path.open("rb") as f:
+        return httpx.post(server.url + "/v1/audio/transcriptions", files={"file": (path.name, f)},
+                          data={"model": "qwen-audio-turbo"}, headers={"Authorization": "Bearer sk-test"},
+                          timeout=120)
+
+
+def test_hours_of_audio_to_transcribe_are_refused_without_decoding_them(
+        engine, long_recordings, tmp_path: Path, test_pythonpath, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "decoded-packets.log"  # one line per container a decoder worker opened: packets it decoded
+    monkeypatch.setenv("TING_TEST_DECODE_LOG", str(log))
+    server = LiveServer(Settings(model="qwen2-audio-tiny", home=str(tmp_path / "home")), engine)
+    server.runtime.audio.pool = DecoderPool(2, target="tests.audio.workers:counting_decodes")
+    server.start()
+    try:
+        for name in ("opus_2h", "mp3_2h"):
+            r = transcribe(server, long_recordings[name])
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"] == "The input audio is longer than 600s."
+        counts = [int(n) for n in log.read_text().split()]
+        assert counts and sum(counts) == 0
+        short = C.write_wav(tmp_path / "short.wav", C.tone(2.0))
+        assert transcribe(server, short).status_code == 200
+        assert int(log.read_text().split()[-1]) > 0  # the hook sees packets a worker does decode
+    finally:
+        server.stop()

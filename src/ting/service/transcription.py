@@ -160,7 +160,7 @@ class TranscriptionService:
             if language is not None and not re.fullmatch(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?", language):
                 raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.")
             limit_s = svc.settings.max_transcription_s
-            clip = await svc.audio.pool.decode(data, max_seconds=limit_s)
+            clip = await svc.audio.pool.decode(data, max_seconds=limit_s, refuse_longer=True)
             if clip.truncated:
                 raise AudioError(f"The input audio is longer than {limit_s:g}s.")
             seconds = clip.seconds
