@@ -10,7 +10,7 @@ import asyncio
 import math
 import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,17 @@ TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on fi
 # Tokenizing and feature extraction run on threads of their own: never on the event loop's default executor, where
 # they would queue in front of (and behind) audio decoding and file reads.
 PREPARE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
+_prepare_threads: ThreadPoolExecutor | None = None
+
+
+async def on_prepare_threads(prepare: Callable[[Sequence[Message]], Prompt], messages: Sequence[Message]) -> Prompt:
+    """Run a backend's prepare on the process's prepare threads (made on first use)."""
+    global _prepare_threads
+    if _prepare_threads is None:
+        _prepare_threads = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ting-prepare")
+    return await asyncio.get_running_loop().run_in_executor(_prepare_threads, prepare, messages)
+
+
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes (a negative seed is taken modulo 2^64)
 
 
@@ -35,7 +46,6 @@ class Engine:
         self.backend = backend
         self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
                                    prefill_token_budget=prefill_token_budget)
-        self._preparing: ThreadPoolExecutor | None = None
 
     @classmethod
     def load(
@@ -81,16 +91,10 @@ class Engine:
 
     def stop(self) -> None:
         self.scheduler.stop()
-        if self._preparing is not None:
-            self._preparing.shutdown(wait=False, cancel_futures=True)
-            self._preparing = None
 
     async def prepare(self, messages: Sequence[Message]) -> Prompt:
-        """Render the chat template, tokenize, extract audio features (off the event loop, on threads of their
-        own, PREPARE_THREADS at a time)."""
-        if self._preparing is None:
-            self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ting-prepare")
-        return await asyncio.get_running_loop().run_in_executor(self._preparing, self.backend.prepare, messages)
+        """Render the chat template, tokenize, extract audio features (off the event loop)."""
+        return await on_prepare_threads(self.backend.prepare, messages)
 
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling:
         """Fill unset parameters from the checkpoint's generation config and check them."""
@@ -118,7 +122,7 @@ class Engine:
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
                 or sampling.repetition_penalty <= 0:
             raise InvalidParameter()
-        _check_finite_and_in_range(sampling)
+        check_sampling(sampling)
         return sampling
 
     async def generate(
@@ -139,7 +143,7 @@ class Engine:
                 self.scheduler.abort(seq)
 
 
-def _check_finite_and_in_range(s: Sampling) -> None:
+def check_sampling(s: Sampling) -> None:
     """What the wire let through must still be something the model can take: checked before the request joins
     a batch, so that it fails alone and at once (400), not inside a batched pass on the engine thread."""
     floats = {"temperature": s.temperature, "top_p": s.top_p, "repetition_penalty": s.repetition_penalty,
