@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import subprocess
 from collections.abc import Iterator
@@ -303,3 +304,22 @@ async def test_the_pool_refuses_hours_of_audio_when_asked(long_recordings, decod
         await decoder_pool.decode(data, max_seconds=600, refuse_longer=True)
     clip = await decoder_pool.decode(data, max_seconds=30)  # chat: the first 30 s, as before
     assert clip.truncated and len(clip.samples) == 480_000
+
+
+async def test_a_chat_clip_never_queues_behind_whole_recordings(test_pythonpath) -> None:
+    pool = DecoderPool(2, timeout_s=15.0, target="tests.audio.workers:hang_on_magic")
+    await pool.start()
+    try:
+        hung = [asyncio.ensure_future(pool.decode(b"HANG" + bytes(100), max_seconds=600, refuse_longer=True))
+                for _ in range(2)]  # two transcriptions whose decoding never ends
+        for _ in range(10):  # let both run up to where they wait: on a worker, or for their turn at one
+            await asyncio.sleep(0)
+        pcm = (C.tone(1.0) * 32767).astype("<i2").tobytes()
+        clip = await pool.decode(C.wav_header(rate=16000, channels=1, data_bytes=len(pcm)) + pcm)  # a chat clip
+        assert clip.seconds == 1.0
+        assert not any(h.done() for h in hung)  # served while both recordings were still being decoded
+        for h in hung:
+            with pytest.raises(errors.DecodeTimeout):
+                await h
+    finally:
+        await pool.close()

@@ -387,10 +387,14 @@ class DecoderPool:
         # Each job's thread waits on its worker's pipe: threads of the pool's own (one per worker, plus spawning
         # replacements), never the event loop's default executor, where other blocking work would queue with them.
         self._threads = ThreadPoolExecutor(self.size + 2, thread_name_prefix="ting-decode")
+        self._long_jobs: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
         self._idle = asyncio.Queue()
         self._threads = ThreadPoolExecutor(self.size + 2, thread_name_prefix="ting-decode")
+        # Whole recordings (more than one 30 s window: transcriptions, up to 25 MiB each) take at most all workers but
+        # one, so a chat's clip never queues behind them.
+        self._long_jobs = asyncio.Semaphore(max(1, self.size - 1))
         loop = asyncio.get_running_loop()
         workers = await asyncio.gather(*(loop.run_in_executor(self._threads, self._spawn) for _ in range(self.size)))
         for w in workers:
@@ -432,10 +436,20 @@ class DecoderPool:
         if not data:
             raise errors.AudioEmpty()
         started = time.monotonic()
-        worker = await self._idle.get()
+        long = self._long_jobs if max_seconds > WINDOW_SAMPLES / SAMPLE_RATE else None
+        if long is not None:
+            await long.acquire()
+        try:
+            worker = await self._idle.get()
+        except BaseException:
+            if long is not None:
+                long.release()
+            raise
         job = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
             self._threads, self._run, worker, data, int(max_seconds * SAMPLE_RATE), refuse_longer))
         job.add_done_callback(self._give_back)
+        if long is not None:
+            job.add_done_callback(lambda _: long.release())
         # The job owns its worker until the worker answers, even if this request is cancelled meanwhile.
         _, outcome = await asyncio.shield(job)
         if isinstance(outcome, BaseException):
