@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 
 from tests import corpus as C
 from tests.api.conftest import LiveServer, post
+from ting.api.middleware import LargeBodyPacing
 from ting.audio.decode import DecoderPool
 from ting.config import Settings
 
@@ -188,3 +191,39 @@ def test_hours_of_audio_to_transcribe_are_refused_without_decoding_them(
         assert int(log.read_text().split()[-1]) > 0  # the hook sees packets a worker does decode
     finally:
         server.stop()
+
+
+# --- large bodies share the event loop (bench/hostile.py: huge prompts, stop lists, uploads) --------------------
+
+
+async def test_large_bodies_take_turns_and_small_requests_never_wait_for_them() -> None:
+    parsed: list[str] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while (await receive()).get("more_body"):
+            pass
+        parsed.append(scope["path"])
+        if scope["path"].startswith("/large"):
+            time.sleep(0.2)  # parsing megabytes holds the loop
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    paced = LargeBodyPacing(app, threshold_bytes=1024)
+
+    async def request(path: str, size: int) -> None:
+        pieces = [{"type": "http.request", "body": b"x" * (size // 2), "more_body": True},
+                  {"type": "http.request", "body": b"x" * (size - size // 2), "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return pieces.pop(0) if pieces else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", str(size).encode())]}
+        await paced(scope, receive, send)
+
+    await asyncio.gather(request("/large-1", 1 << 20), request("/large-2", 1 << 20), request("/small", 100))
+    assert sorted(parsed) == ["/large-1", "/large-2", "/small"]
+    assert parsed.index("/small") < parsed.index("/large-2")  # the small one did not wait behind both large ones
+    assert parsed.index("/large-1") < parsed.index("/large-2")  # which took their turns in order

@@ -17,7 +17,7 @@ from starlette.types import Scope
 
 from ting import __version__
 from ting.api import dashscope, health, openai
-from ting.api.middleware import BodyLimit, RequestContext
+from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.api.streaming import ClientGone
 from ting.config import Settings
@@ -27,6 +27,7 @@ from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
 log = logging.getLogger("ting.server")
 
 OPENAI_PREFIXES = ("/v1/", "/compatible-mode/")
+LARGE_BODY_BYTES = 256 * 1024  # bodies over this (or of no declared length) are parsed one at a time, paced
 
 
 def render_error(scope: Scope, exc: TingError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -133,6 +134,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _response(request, TingError())
 
+    app.add_middleware(LargeBodyPacing, threshold_bytes=LARGE_BODY_BYTES)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
     if settings.cors_origins:
