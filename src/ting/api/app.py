@@ -27,7 +27,8 @@ from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
 log = logging.getLogger("ting.server")
 
 OPENAI_PREFIXES = ("/v1/", "/compatible-mode/")
-LARGE_BODY_BYTES = 256 * 1024  # bodies over this (or of no declared length) are parsed one at a time, paced
+LARGE_BODY_BYTES = 256 * 1024  # bodies over this (or of no declared length) are read and parsed paced (middleware)
+SIZE_ERRORS = ("string_too_long", "too_long")  # pydantic's error types for a broken size bound
 
 
 def render_error(scope: Scope, exc: TingError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -53,9 +54,6 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p)))
     return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
                                                f"parameters. {where}: {first.get('msg', '')}".strip()))
-
-
-SIZE_ERRORS = ("string_too_long", "too_long")
 
 
 def _union_branch(part: str) -> bool:

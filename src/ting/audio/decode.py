@@ -5,7 +5,8 @@ forced to that one, so playlist and concat demuxers that open further URLs can n
 be on an allowlist. Decoding is driven by the packets actually read (no allocation from header claims),
 stops once the output holds `max_samples`, and counts packets against a cap. Where a recording longer than the
 limit is an error (transcription), its length is checked before anything is decoded: the container's declared
-duration where it is exact, else the packets' own durations, read without decoding them.
+duration where it is written from what was encoded, else the packets' own durations, read without decoding them.
+Whole recordings take at most all workers but one, so a chat's clip never queues behind them.
 
 Decoding runs in a pool of worker processes: each has an address-space limit, a job that outlives its
 wall-clock deadline has its worker killed and replaced, and a worker that crashes fails only its own job.
