@@ -185,3 +185,24 @@ def build(directory: Path) -> dict[str, Sample]:
             path = builder(source, directory / name)
             corpus[name] = Sample(name, path, container, codec, duration, tolerance)
     return corpus
+
+
+def long_recordings(directory: Path) -> dict[str, Path]:
+    """Hours of audio in a few MB, made in a second or two: 10 s of tone encoded once, its packets repeated.
+
+    opus_2h: Ogg Opus, 2 h (its last granule position declares the length); mp3_2h: raw CBR MP3 frames, 2 h (a
+    length estimated from the bit rate); webm_11min: WebM/Opus written to a pipe (no declared length at all).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ten = write_wav(directory / "ten.wav", tone(10.0))
+    opus = ffmpeg(ten, directory / "ten.opus", "-c:a", "libopus", "-b:a", "6k")
+    mp3 = ffmpeg(ten, directory / "ten.mp3", "-c:a", "libmp3lame", "-b:a", "8k", "-ar", "8000", "-write_xing", "0",
+                 "-id3v2_version", "0", "-f", "mp3")
+    out = {"opus_2h": directory / "2h.opus", "mp3_2h": directory / "2h.mp3", "webm_11min": directory / "11min.webm"}
+    loop = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-stream_loop"]
+    subprocess.run([*loop, "719", "-i", str(opus), "-c", "copy", str(out["opus_2h"])], check=True, capture_output=True)
+    with out["webm_11min"].open("wb") as piped:
+        subprocess.run([*loop, "65", "-i", str(opus), "-c", "copy", "-f", "webm", "pipe:1"], check=True,
+                       stdout=piped, stderr=subprocess.DEVNULL)
+    out["mp3_2h"].write_bytes(mp3.read_bytes() * 720)
+    return out

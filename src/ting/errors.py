@@ -12,7 +12,7 @@ Errors are raised, never returned. Each class knows its HTTP status and its Dash
     - EmptyInput / EmptyModel  400 BadRequest.EmptyInput / BadRequest.EmptyModel
     - PayloadTooLarge          400 BadRequest.TooLarge (413 on the wire for raw bodies)
     - AudioError               400 InvalidParameter: something about one audio item
-      · AudioEmpty, AudioTooShort, AudioTooLarge, DataUriTooLarge, InvalidAudio,
+      · AudioEmpty, AudioTooShort, AudioTooLarge, AudioTooLong, DataUriTooLarge, InvalidAudio,
         UnsupportedCodec, DecodeTimeout, InvalidDataUri
     - MediaUrlError            400 InvalidURL: fetching an audio URL failed
       · DestinationBlocked, UnsupportedScheme
@@ -114,6 +114,10 @@ class AudioTooShort(AudioError):
 
 class AudioTooLarge(AudioError):
     default_message = "Multimodal file size is too large"
+
+
+class AudioTooLong(AudioError):
+    default_message = "The input audio is too long."
 
 
 class DataUriTooLarge(AudioError):

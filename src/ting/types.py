@@ -16,6 +16,13 @@ WINDOW_S = 30.0  # seconds: the model hears at most this much of each clip
 WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)  # 480_000 samples
 MIN_SAMPLES = 400  # shortest clip accepted: 25 ms at 16 kHz (the model yields 0 tokens at 320 samples or fewer)
 
+# Bounds both wire protocols apply to a chat request while validating it, before anything else: far beyond any prompt
+# the model can take (6,144 tokens for the hosted names), so no real user meets them, and absurd bodies (a 30 MiB
+# text, a million messages) are refused for the cost of parsing them. The service's cheap estimate comes next.
+MAX_TEXT_CHARS = 1_048_576  # characters in one text
+MAX_MESSAGES = 1_024  # messages in one request
+MAX_PARTS = 64  # content parts in one message
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 
@@ -88,6 +95,11 @@ class ChatRequest:
     @property
     def audio_parts(self) -> tuple[AudioPart, ...]:
         return tuple(p for m in self.messages for p in m.audio_parts)
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text in all the messages (not the chat template)."""
+        return sum(len(p.text) for m in self.messages for p in m.parts if isinstance(p, TextPart))
 
 
 @dataclass(frozen=True)

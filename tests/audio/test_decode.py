@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import corpus as C
+from tests.audio.workers import count_decoded_packets
 from ting import errors
 from ting.audio.decode import DecoderPool, decode_bytes, sniff
 from ting.audio.tokens import audio_tokens
@@ -253,3 +256,70 @@ async def test_a_cancelled_request_does_not_lose_its_worker(corpus, decoder_pool
     clips = await asyncio.gather(*(decoder_pool.decode(data) for _ in range(4)))
     assert all(abs(c.seconds - clips[0].seconds) < 1e-9 for c in clips)
     assert decoder_pool.alive == decoder_pool.size
+
+
+# --- recordings longer than a transcription may be ----------------------------------------------------------
+
+TEN_MINUTES = 600 * 16000
+
+
+@pytest.fixture(scope="module")
+def long_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not C.have("ffmpeg"):
+        pytest.skip("ffmpeg is needed")
+    return C.long_recordings(tmp_path_factory.mktemp("long"))
+
+
+@pytest.fixture
+def decoded_packets() -> Iterator[list[int]]:
+    counts: list[int] = []
+    restore = count_decoded_packets(counts.append)
+    yield counts
+    restore()
+
+
+@pytest.mark.parametrize("name", ["opus_2h", "mp3_2h"])
+def test_hours_of_audio_are_refused_by_their_length_before_decoding(long_recordings, decoded_packets,
+                                                                   name: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(errors.AudioTooLong, match="longer than 600s"):
+        decode_bytes(long_recordings[name].read_bytes(), max_samples=TEN_MINUTES, refuse_longer=True)
+    assert decoded_packets and sum(decoded_packets) == 0  # containers were opened, no packet was decoded
+
+
+def test_a_length_nothing_declares_is_still_refused_at_the_limit(long_recordings, decoded_packets) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(errors.AudioTooLong, match="longer than 600s"):
+        decode_bytes(long_recordings["webm_11min"].read_bytes(), max_samples=TEN_MINUTES, refuse_longer=True)
+    assert sum(decoded_packets) > 0  # decoded up to the limit, then refused
+
+
+def test_a_wav_whose_header_claims_4_gib_is_measured_not_believed(decoded_packets) -> None:  # type: ignore[no-untyped-def]
+    pcm = (C.tone(2.0) * 32767).astype("<i2").tobytes()
+    data = C.wav_header(rate=16000, channels=1, data_bytes=0xFFFFFFFF, riff_bytes=0xFFFFFFFF) + pcm
+    assert len(decode_bytes(data, max_samples=TEN_MINUTES, refuse_longer=True).samples) == 32000
+
+
+async def test_the_pool_refuses_hours_of_audio_when_asked(long_recordings, decoder_pool: DecoderPool) -> None:  # type: ignore[no-untyped-def]
+    data = long_recordings["opus_2h"].read_bytes()
+    with pytest.raises(errors.AudioTooLong):
+        await decoder_pool.decode(data, max_seconds=600, refuse_longer=True)
+    clip = await decoder_pool.decode(data, max_seconds=30)  # chat: the first 30 s, as before
+    assert clip.truncated and len(clip.samples) == 480_000
+
+
+async def test_a_chat_clip_never_queues_behind_whole_recordings(test_pythonpath) -> None:
+    pool = DecoderPool(2, timeout_s=15.0, target="tests.audio.workers:hang_on_magic")
+    await pool.start()
+    try:
+        hung = [asyncio.ensure_future(pool.decode(b"HANG" + bytes(100), max_seconds=600, refuse_longer=True))
+                for _ in range(2)]  # two transcriptions whose decoding never ends
+        for _ in range(10):  # let both run up to where they wait: on a worker, or for their turn at one
+            await asyncio.sleep(0)
+        pcm = (C.tone(1.0) * 32767).astype("<i2").tobytes()
+        clip = await pool.decode(C.wav_header(rate=16000, channels=1, data_bytes=len(pcm)) + pcm)  # a chat clip
+        assert clip.seconds == 1.0
+        assert not any(h.done() for h in hung)  # served while both recordings were still being decoded
+        for h in hung:
+            with pytest.raises(errors.DecodeTimeout):
+                await h
+    finally:
+        await pool.close()

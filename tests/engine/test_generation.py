@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 
@@ -179,3 +182,67 @@ async def test_a_model_fault_fails_the_requests_in_flight_and_the_engine_carries
         faulty.stop()
         engine.scheduler = type(engine.scheduler)(engine.backend, max_batch_size=8, max_queue=64)
         engine.start()
+
+
+class GatedBackend:
+    """Wraps a real backend; its first prefill waits for `gate`, so that requests submitted meanwhile queue up and
+    are admitted together. Records the size of every prefill."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.gate, self.sizes = inner, threading.Event(), []
+        self.eos_token_ids, self.defaults, self.max_model_len = inner.eos_token_ids, inner.defaults, inner.max_model_len
+        self.prepare, self.step, self.release, self.detokenize = (inner.prepare, inner.step, inner.release,
+                                                                  inner.detokenize)
+
+    def prefill(self, items):  # type: ignore[no-untyped-def]
+        self.sizes.append(len(items))
+        if len(self.sizes) == 1:
+            self.gate.wait(120)
+        return self.inner.prefill(items)
+
+
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting: {what}")
+
+
+async def test_a_request_the_model_cannot_take_fails_alone_not_its_batch_mates(engine: Engine) -> None:
+    gated = GatedBackend(engine.backend)
+    isolated = Engine(gated, max_batch_size=8)
+    engine.stop()  # share the weights: only one engine may drive this backend at a time
+    isolated.start()
+    try:
+        prompt = await isolated.prepare(PROMPTS[1])
+        good = isolated.resolve(SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), prompt)
+        bad = replace(good, seed=2**64)  # injected past the wire and past resolve(): torch refuses it
+        blocker = asyncio.ensure_future(collect_stream(isolated, prompt, good))
+        await until(lambda: gated.sizes == [1], "the first prefill")
+        mates = [asyncio.ensure_future(collect_stream(isolated, prompt, s)) for s in (good, bad, good)]
+        await until(lambda: isolated.stats.waiting == 3, "three queued requests")
+        gated.gate.set()
+        expected = tokens(await blocker)
+        results = await asyncio.gather(*mates, return_exceptions=True)
+        assert 3 in gated.sizes  # the three were prefilled together first
+        assert isinstance(results[1], errors.EngineError)
+        assert tokens(results[0]) == tokens(results[2]) == expected  # greedy: exactly the lone answer
+        await until(lambda: isolated.stats.running == 0, "every slot free again")
+    finally:
+        gated.gate.set()
+        isolated.stop()
+        engine.scheduler = type(engine.scheduler)(engine.backend, max_batch_size=8, max_queue=64)
+        engine.start()
+
+
+async def collect_stream(engine: Engine, prompt, sampling) -> list[GenerationChunk]:  # type: ignore[no-untyped-def]
+    return [c async for c in engine.generate(prompt, sampling)]
+
+
+@pytest.mark.parametrize("bad", [dict(seed=2**64), dict(seed=-(2**63) - 1), dict(repetition_penalty=math.inf),
+                                 dict(repetition_penalty=math.nan), dict(temperature=math.nan)])
+async def test_parameters_the_model_cannot_take_are_refused_before_the_engine(engine: Engine, bad) -> None:  # type: ignore[no-untyped-def]
+    prompt = await engine.prepare(PROMPTS[1])
+    with pytest.raises(errors.InvalidParameter):
+        engine.resolve(SamplingParams(max_tokens=4, **bad), prompt)

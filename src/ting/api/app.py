@@ -17,7 +17,7 @@ from starlette.types import Scope
 
 from ting import __version__
 from ting.api import dashscope, health, openai
-from ting.api.middleware import BodyLimit, RequestContext
+from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.config import Settings
 from ting.engine import Engine
@@ -27,6 +27,8 @@ from ting.service import ClientGone
 log = logging.getLogger("ting.server")
 
 OPENAI_PREFIXES = ("/v1/", "/compatible-mode/")
+LARGE_BODY_BYTES = 256 * 1024  # bodies over this (or of no declared length) are read and parsed paced (middleware)
+SIZE_ERRORS = ("string_too_long", "too_long")  # pydantic's error types for a broken size bound
 
 
 def render_error(scope: Scope, exc: TingError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -44,12 +46,19 @@ def _response(request: Request, exc: TingError) -> Response:
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    # A size bound broken inside a union (text or list of parts) also fails the other branch: name the bound.
+    first = next((e for e in errors if e.get("type") in SIZE_ERRORS), errors[0] if errors else {})
     if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and "dict" in first.get("msg", "")):
         return _response(request, IllegalJson())
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p)))
     return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
                                                f"parameters. {where}: {first.get('msg', '')}".strip()))
+
+
+def _union_branch(part: str) -> bool:
+    """pydantic's name for a branch of a union in an error's location (constrained-str, list[ContentItem])."""
+    return part in ("str", "int", "float", "bool") or part.startswith(("constrained-", "list[", "dict["))
 
 
 class _Playground(StaticFiles):
@@ -118,6 +127,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it; the access log does
 
+    app.add_middleware(LargeBodyPacing, threshold_bytes=LARGE_BODY_BYTES)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
     if settings.cors_origins:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -112,3 +113,50 @@ class BodyLimit:
         status, headers, body = self.render(scope, PayloadTooLarge(f"Payload Too Large. The limit is {limit} bytes."))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class LargeBodyPacing:
+    """Large request bodies are read and parsed one piece at a time, for at most a share of the event loop's time;
+    small requests never wait.
+
+    Reading and parsing megabytes (JSON with long texts or lists, multipart files) holds the event loop and the GIL
+    in pieces of up to tens of milliseconds, so a flood of large bodies, refused or not, would take the loop from
+    everyone. A body is large when it declares more than `threshold_bytes` or no length at all. Each piece of it is
+    handed to the application only with the one turn, taken in order; the turn is given back once the loop has been
+    free of it long enough that handling the piece took at most `share` of the time (the last piece's handling is
+    the parsing, in the same step). A piece not yet handed over is not read from the socket (the server stops
+    reading a request its application is not receiving); a slow sender holds no turn while its bytes trickle in.
+    """
+
+    def __init__(self, app: ASGIApp, *, threshold_bytes: int, share: float = 0.25) -> None:
+        self.app, self.threshold_bytes, self.rest = app, threshold_bytes, 1 / share - 1
+        self._turn: asyncio.Lock | None = None
+
+    def _large(self, scope: Scope) -> bool:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return False
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        return declared is None or not declared.isdigit() or int(declared) > self.threshold_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._large(scope):
+            await self.app(scope, receive, send)
+            return
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        turn = self._turn
+
+        async def paced_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                await turn.acquire()
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+
+                def done() -> None:  # runs once the step that handles this piece of the body has yielded
+                    loop.call_later((loop.time() - started) * self.rest, turn.release)
+
+                loop.call_soon(done)
+            return message
+
+        await self.app(scope, paced_receive, send)

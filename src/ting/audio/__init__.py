@@ -72,6 +72,7 @@ class AudioLoader:
         data = await self.sources.read(source, owner=owner, oss_resolve=oss_resolve)
         return await self.decode(data, max_seconds=max_seconds)
 
-    async def decode(self, data: bytes, *, max_seconds: float = WINDOW_S) -> AudioClip:
-        """Decode audio bytes the caller already holds (an uploaded recording)."""
-        return await self.pool.decode(data, max_seconds=max_seconds)
+    async def decode(self, data: bytes, *, max_seconds: float = WINDOW_S, refuse_longer: bool = False) -> AudioClip:
+        """Decode audio bytes the caller already holds (an uploaded recording); `refuse_longer`: a recording
+        longer than `max_seconds` is refused before it is decoded, rather than cut."""
+        return await self.pool.decode(data, max_seconds=max_seconds, refuse_longer=refuse_longer)

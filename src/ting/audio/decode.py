@@ -3,7 +3,10 @@
 The container is sniffed from the magic bytes (never from a name or a declared type) and the demuxer is
 forced to that one, so playlist and concat demuxers that open further URLs can never run; the codec must
 be on an allowlist. Decoding is driven by the packets actually read (no allocation from header claims),
-stops once the output holds `max_samples`, and counts packets against a cap.
+stops once the output holds `max_samples`, and counts packets against a cap. Where a recording longer than the
+limit is an error (transcription), its length is checked before anything is decoded: the container's declared
+duration where it is written from what was encoded, else the packets' own durations, read without decoding them.
+Whole recordings take at most all workers but one, so a chat's clip never queues behind them.
 
 Decoding runs in a pool of worker processes: each has an address-space limit, a job that outlives its
 wall-clock deadline has its worker killed and replaced, and a worker that crashes fails only its own job.
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -99,18 +103,80 @@ class Decoded:
     codec: str
 
 
-def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS) -> Decoded:
-    """Decode in this process. The server calls this only inside a DecoderPool worker."""
+def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS,
+                 refuse_longer: bool = False) -> Decoded:
+    """Decode in this process. The server calls this only inside a DecoderPool worker.
+
+    `refuse_longer`: audio longer than `max_samples` is an AudioTooLong error (found before decoding where the
+    container tells), instead of being cut at `max_samples`."""
     if not data:
         raise errors.AudioEmpty()
     container_name = sniff(data)
+    container = _open(data, container_name)
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container_name],
-                            options={"enable_drefs": "0", "use_absolute_path": "0"})
+        if refuse_longer and _longer_than(data, container, container_name, max_samples / SAMPLE_RATE):
+            raise _too_long(max_samples)
+        decoded = _decode_container(container, container_name, max_samples, max_packets)
+    finally:
+        container.close()
+    if refuse_longer and decoded.truncated:  # a header that understated the length: stopped at the limit
+        raise _too_long(max_samples)
+    return decoded
+
+
+def _open(data: bytes, container_name: str) -> Any:
+    try:
+        return av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container_name],
+                       options={"enable_drefs": "0", "use_absolute_path": "0"})
     except (av.FFmpegError, ValueError, OSError):
         raise errors.InvalidAudio() from None
+
+
+def _too_long(max_samples: int) -> errors.AudioTooLong:
+    return errors.AudioTooLong(f"The input audio is longer than {max_samples / SAMPLE_RATE:g}s.")
+
+
+# Containers whose declared duration is written from what was encoded (a length an encoder cannot know in advance:
+# Ogg's last granule position, MP4's moov, FLAC's STREAMINFO, Matroska's Duration). Other declared durations are
+# estimates (MP3 and ADTS from the bit rate) or often bogus (WAV written to a pipe declares 4 GiB of data): past
+# the limit, those are measured from the packets themselves.
+_TRUSTED_DURATION = {"mov", "flac", "ogg", "matroska"}
+ESTIMATE_MARGIN = 1.02
+TRUSTED_MARGIN_S = 0.5  # encoder padding past a declared duration
+
+
+def _longer_than(data: bytes, container: Any, container_name: str, limit_s: float) -> bool:
+    """Whether the recording is longer than `limit_s`, known without decoding it. False: not known to be."""
+    if not container.streams.audio:
+        return False
+    declared = _declared_duration(container, container.streams.audio[0])
+    if declared is None:
+        return False
+    if container_name in _TRUSTED_DURATION:
+        return declared > limit_s + TRUSTED_MARGIN_S
+    return declared > limit_s * ESTIMATE_MARGIN and _packets_longer_than(data, container_name, limit_s)
+
+
+def _packets_longer_than(data: bytes, container_name: str, limit_s: float) -> bool:
+    """Sum the packets' durations, up to `limit_s`, in a container of its own: demuxing reads frame headers and
+    skips the payload, nothing is decoded."""
+    container = _open(data, container_name)
     try:
-        return _decode_container(container, container_name, max_samples, max_packets)
+        stream = container.streams.audio[0]
+        if stream.time_base is None:
+            return False
+        limit, total = limit_s / stream.time_base, 0
+        for packet in container.demux(stream):
+            if packet.duration is None or packet.duration <= 0:
+                if packet.size:
+                    return False  # packets without durations: only decoding can tell
+                continue
+            total += packet.duration
+            if total > limit:
+                return True
+        return False
+    except av.FFmpegError:
+        return False
     finally:
         container.close()
 
@@ -236,7 +302,7 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
 
 _ERRORS: dict[str, type[errors.AudioError]] = {
     cls.__name__: cls
-    for cls in (errors.AudioError, errors.AudioEmpty, errors.AudioTooShort, errors.InvalidAudio,
+    for cls in (errors.AudioError, errors.AudioEmpty, errors.AudioTooShort, errors.AudioTooLong, errors.InvalidAudio,
                 errors.UnsupportedCodec, errors.DecodeTimeout)
 }
 
@@ -253,7 +319,7 @@ def worker_main(jobs: Connection, results: Connection, memory_bytes: int) -> Non
         except (EOFError, OSError):
             return
         try:
-            decoded = decode_bytes(data, max_samples=job["max_samples"])
+            decoded = decode_bytes(data, max_samples=job["max_samples"], refuse_longer=job.get("refuse_longer", False))
         except errors.AudioError as exc:
             results.send(("error", type(exc).__name__, exc.message))
         except MemoryError:
@@ -319,10 +385,19 @@ class DecoderPool:
         self._idle: asyncio.Queue[_Worker] | None = None
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+        # Each job's thread waits on its worker's pipe: threads of the pool's own (one per worker, plus spawning
+        # replacements), never the event loop's default executor, where other blocking work would queue with them.
+        self._threads = ThreadPoolExecutor(self.size + 2, thread_name_prefix="ting-decode")
+        self._long_jobs: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
         self._idle = asyncio.Queue()
-        workers = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
+        self._threads = ThreadPoolExecutor(self.size + 2, thread_name_prefix="ting-decode")
+        # Whole recordings (more than one 30 s window: transcriptions, up to 25 MiB each) take at most all workers but
+        # one, so a chat's clip never queues behind them.
+        self._long_jobs = asyncio.Semaphore(max(1, self.size - 1))
+        loop = asyncio.get_running_loop()
+        workers = await asyncio.gather(*(loop.run_in_executor(self._threads, self._spawn) for _ in range(self.size)))
         for w in workers:
             self._idle.put_nowait(w)
 
@@ -344,23 +419,38 @@ class DecoderPool:
             workers = list(self._all)
             self._all.clear()
         for w in workers:
-            await asyncio.to_thread(w.kill)
+            await asyncio.get_running_loop().run_in_executor(self._threads, w.kill)
+        self._threads.shutdown(wait=False)
 
     @property
     def alive(self) -> int:
         with self._lock:
             return sum(w.alive() for w in self._all)
 
-    async def decode(self, data: bytes, *, max_seconds: float = 30.0) -> AudioClip:
-        """Decode one audio file in a worker; raises an AudioError for anything wrong with it."""
+    async def decode(self, data: bytes, *, max_seconds: float = 30.0, refuse_longer: bool = False) -> AudioClip:
+        """Decode one audio file in a worker; raises an AudioError for anything wrong with it.
+
+        Audio longer than `max_seconds` is cut there, or with `refuse_longer` is an AudioTooLong error, found
+        before decoding where the container tells (decode_bytes)."""
         if self._idle is None:
             raise RuntimeError("DecoderPool.start() was not called")
         if not data:
             raise errors.AudioEmpty()
         started = time.monotonic()
-        worker = await self._idle.get()
-        job = asyncio.ensure_future(asyncio.to_thread(self._run, worker, data, int(max_seconds * SAMPLE_RATE)))
+        long = self._long_jobs if max_seconds > WINDOW_SAMPLES / SAMPLE_RATE else None
+        if long is not None:
+            await long.acquire()
+        try:
+            worker = await self._idle.get()
+        except BaseException:
+            if long is not None:
+                long.release()
+            raise
+        job = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+            self._threads, self._run, worker, data, int(max_seconds * SAMPLE_RATE), refuse_longer))
         job.add_done_callback(self._give_back)
+        if long is not None:
+            job.add_done_callback(lambda _: long.release())
         # The job owns its worker until the worker answers, even if this request is cancelled meanwhile.
         _, outcome = await asyncio.shield(job)
         if isinstance(outcome, BaseException):
@@ -373,9 +463,10 @@ class DecoderPool:
             return  # the loop is shutting down (or spawning a replacement failed): nothing to give back
         self._idle.put_nowait(job.result()[0])
 
-    def _run(self, worker: _Worker, data: bytes, max_samples: int) -> tuple[_Worker, AudioClip | BaseException]:
+    def _run(self, worker: _Worker, data: bytes, max_samples: int,
+             refuse_longer: bool) -> tuple[_Worker, AudioClip | BaseException]:
         try:
-            worker.jobs.send({"max_samples": max_samples})
+            worker.jobs.send({"max_samples": max_samples, "refuse_longer": refuse_longer})
             worker.jobs.send_bytes(data)
             if not worker.results.poll(self.timeout_s):
                 log.warning("audio decoder timed out after %.1f s; replacing the worker", self.timeout_s)

@@ -7,8 +7,11 @@ Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loa
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import secrets
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,21 @@ from ting.types import GenerationChunk, Message, SamplingParams
 __all__ = ["Engine", "Prompt", "Sampling", "Stats"]
 
 TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
+# Tokenizing and feature extraction run on threads of their own: never on the event loop's default executor, where
+# they would queue in front of (and behind) audio decoding and file reads.
+PREPARE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
+_prepare_threads: ThreadPoolExecutor | None = None
+
+
+async def on_prepare_threads(prepare: Callable[[Sequence[Message]], Prompt], messages: Sequence[Message]) -> Prompt:
+    """Run a backend's prepare on the process's prepare threads (made on first use)."""
+    global _prepare_threads
+    if _prepare_threads is None:
+        _prepare_threads = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ting-prepare")
+    return await asyncio.get_running_loop().run_in_executor(_prepare_threads, prepare, messages)
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes (a negative seed is taken modulo 2^64)
 
 
 class Engine:
@@ -76,7 +94,7 @@ class Engine:
 
     async def prepare(self, messages: Sequence[Message]) -> Prompt:
         """Render the chat template, tokenize, extract audio features (off the event loop)."""
-        return await asyncio.to_thread(self.backend.prepare, messages)
+        return await on_prepare_threads(self.backend.prepare, messages)
 
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling:
         """Fill unset parameters from the checkpoint's generation config and check them."""
@@ -104,6 +122,7 @@ class Engine:
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
                 or sampling.repetition_penalty <= 0:
             raise InvalidParameter()
+        check_sampling(sampling)
         return sampling
 
     async def generate(
@@ -122,3 +141,15 @@ class Engine:
         finally:
             if not seq.finished:
                 self.scheduler.abort(seq)
+
+
+def check_sampling(s: Sampling) -> None:
+    """What the wire let through must still be something the model can take: checked before the request joins
+    a batch, so that it fails alone and at once (400), not inside a batched pass on the engine thread."""
+    floats = {"temperature": s.temperature, "top_p": s.top_p, "repetition_penalty": s.repetition_penalty,
+              "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty}
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise InvalidParameter(f"{name} must be a finite number.")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not SEED_MIN <= s.seed <= SEED_MAX:
+        raise InvalidParameter(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}].")

@@ -3,7 +3,8 @@
 One loop: drop aborted sequences, admit waiting ones while slots and the prefill budget allow (their prompts
 are prefilled, the audio encoder batched across them), then one decoding step for every running sequence.
 New requests join and finished ones leave between steps; nobody waits for a batch to drain. The admission
-queue is bounded: past it, submit() raises Overloaded at once.
+queue is bounded: past it, submit() raises Overloaded at once. A prefill of several prompts that fails is
+retried prompt by prompt, so a request whose input the model cannot take fails alone, never its batch-mates.
 
 Results go back to asyncio through `loop.call_soon_threadsafe`, one GenerationChunk per generated token.
 """
@@ -169,18 +170,39 @@ class Scheduler:
             return False
         pending = {s.id: s for s in batch}
         try:
-            for seq_id, token in self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch]):
-                s = pending.pop(seq_id)
-                self._running[s.id] = s
-                self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
+            self._prefill(batch, pending)
         except Exception as exc:
-            log.exception("prefill failed")
-            for s in pending.values():
-                self._safe_release(s.id)
-                s.finished = True
-                s.emit(EngineError(f"The model failed on this request ({type(exc).__name__})."))
+            if len(pending) > 1:  # one bad prompt must not fail its batch-mates: each again, by itself
+                log.warning("a prefill of %d prompts failed (%s: %s); prefilling them one by one", len(pending),
+                            type(exc).__name__, exc)
+                self._prefill_alone(list(pending.values()))
+            else:
+                self._fail_prefill(list(pending.values()), exc)
         self._update_counts()
         return True
+
+    def _prefill(self, batch: list[Sequence], pending: dict[int, Sequence]) -> None:
+        """Prefill `batch`; each sequence leaves `pending` (and starts running) as its first token comes."""
+        for seq_id, token in self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch]):
+            s = pending.pop(seq_id)
+            self._running[s.id] = s
+            self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
+
+    def _prefill_alone(self, batch: list[Sequence]) -> None:
+        for s in batch:
+            self._safe_release(s.id)  # whatever the failed pass had started for it
+        for s in batch:
+            try:
+                self._prefill([s], {s.id: s})
+            except Exception as exc:
+                self._fail_prefill([s], exc)
+
+    def _fail_prefill(self, failed: list[Sequence], exc: BaseException) -> None:
+        log.error("prefill failed for %s", ", ".join(s.request_id or str(s.id) for s in failed), exc_info=exc)
+        for s in failed:
+            self._safe_release(s.id)
+            s.finished = True
+            s.emit(EngineError(f"The model failed on this request ({type(exc).__name__})."))
 
     def _step(self) -> None:
         try:

@@ -163,7 +163,7 @@ class TranscriptionService:
                 raise InvalidParameter("temperature must be between 0 and 1.")
             if language is not None and not re.fullmatch(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?", language):
                 raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.")
-            clip = await self.audio.decode(data, max_seconds=self.max_seconds)
+            clip = await self.audio.decode(data, max_seconds=self.max_seconds, refuse_longer=True)
             if clip.truncated:
                 raise AudioError(f"The input audio is longer than {self.max_seconds:g}s.")
             ticket.audio_seconds = clip.seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ting.api.dashscope.schemas import GenerationParameters, GenerationRequest
@@ -10,6 +11,9 @@ from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, Samp
 
 ROLES = ("system", "user", "assistant")
 SEED_MAX = 2**31 - 1
+MAX_STOP = 16  # stop strings or token ids per request (OpenAI takes 4; no DashScope client needs more)
+MAX_STOP_CHARS = 256  # characters per stop string
+TOKEN_ID_MAX = 2**31 - 1
 
 
 def to_chat_request(req: GenerationRequest) -> tuple[ChatRequest, bool]:
@@ -61,7 +65,7 @@ def sampling(p: GenerationParameters) -> SamplingParams:
         raise InvalidParameter("Range of top_k should be [0, 100] (0 or above 100 disables it)")
     if p.seed is not None and not 0 <= p.seed <= SEED_MAX:
         raise InvalidParameter(f"Range of seed should be [0, {SEED_MAX}]")
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+    if p.repetition_penalty is not None and not 0 < p.repetition_penalty < math.inf:
         raise InvalidParameter("Repetition_penalty should be greater than 0.0")
     if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
         raise InvalidParameter("Presence_penalty should be in [-2.0, 2.0]")
@@ -69,20 +73,27 @@ def sampling(p: GenerationParameters) -> SamplingParams:
         raise InvalidParameter("Range of n should be [1, 1] for this model.")
     if p.tools:
         raise InvalidParameter("The model does not support tools.")
-    stop: tuple[str, ...] = ()
-    stop_ids: tuple[int, ...] = ()
-    if isinstance(p.stop, str):
-        stop = (p.stop,)
-    elif p.stop and all(isinstance(s, str) for s in p.stop):
-        stop = tuple(p.stop)  # type: ignore[arg-type]
-    elif p.stop:
-        stop_ids = tuple(p.stop)  # type: ignore[arg-type]
+    stop, stop_ids = _stop(p.stop)
     top_k = p.top_k if p.top_k is not None and p.top_k <= 100 else 0
     return SamplingParams(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=top_k if p.top_k is not None else None,
         seed=p.seed, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty or 0.0,
         stop=stop, stop_token_ids=stop_ids,
     )
+
+
+def _stop(stop: str | list[str] | list[int] | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Stop strings, or stop token ids (the two cannot be mixed), within their bounds."""
+    items = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(items) > MAX_STOP:
+        raise InvalidParameter(f"Range of stop length should be [0, {MAX_STOP}]")
+    if all(isinstance(s, str) for s in items):
+        if any(len(s) > MAX_STOP_CHARS for s in items):  # type: ignore[arg-type]
+            raise InvalidParameter(f"Range of each stop string's length should be [0, {MAX_STOP_CHARS}]")
+        return tuple(items), ()  # type: ignore[arg-type]
+    if any(not 0 <= s <= TOKEN_ID_MAX for s in items):  # type: ignore[operator]
+        raise InvalidParameter(f"Range of stop token ids should be [0, {TOKEN_ID_MAX}]")
+    return (), tuple(items)  # type: ignore[arg-type]
 
 
 def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:

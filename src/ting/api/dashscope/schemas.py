@@ -3,9 +3,13 @@ and ignored, as the hosted API does."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ting.types import MAX_MESSAGES, MAX_PARTS, MAX_TEXT_CHARS
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class _Open(BaseModel):
@@ -13,17 +17,17 @@ class _Open(BaseModel):
 
 
 class ContentItem(_Open):
-    text: str | None = None
+    text: Text | None = None
     audio: str | None = Field(None, description="http(s) URL, data:;base64 URI, or oss:// key of an upload")
 
 
 class InputMessage(_Open):
     role: str = Field(description="system, user or assistant")
-    content: str | list[ContentItem]
+    content: Text | Annotated[list[ContentItem], Field(max_length=MAX_PARTS)]
 
 
 class GenerationInput(_Open):
-    messages: list[InputMessage] | None = None
+    messages: Annotated[list[InputMessage], Field(max_length=MAX_MESSAGES)] | None = None
 
 
 class GenerationParameters(_Open):

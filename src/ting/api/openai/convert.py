@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
@@ -12,6 +13,9 @@ from ting.service import Segment, Transcript
 from ting.service.transcription import LANGUAGES
 from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
 
+MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop sequence
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FORMAT = re.compile(r"^[a-z0-9.+-]{1,16}$")
 
@@ -76,8 +80,10 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
         value = getattr(req, name)
         if value is not None and not -2 <= value <= 2:
             raise InvalidParameter(f"{name} must be between -2 and 2.")
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
+    if req.repetition_penalty is not None and not 0 < req.repetition_penalty < math.inf:
         raise InvalidParameter("repetition_penalty must be greater than 0.")
+    if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+        raise InvalidParameter(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}.")
     if req.top_k is not None and req.top_k < 0:
         raise InvalidParameter("top_k must be 0 (off) or more.")
     if req.logprobs:
@@ -87,8 +93,10 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
     if req.modalities and set(req.modalities) - {"text"}:
         raise InvalidParameter("Only text output is supported (modalities: [\"text\"]).")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > 4:
-        raise InvalidParameter("stop takes at most 4 sequences.")
+    if len(stop) > MAX_STOP:
+        raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidParameter(f"Each stop sequence takes at most {MAX_STOP_CHARS} characters.")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     temperature = req.temperature
     top_p = req.top_p

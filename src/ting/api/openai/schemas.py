@@ -3,9 +3,13 @@ OpenAI's; `audio_url` parts are vLLM's form and URLs in `input_audio.data` are D
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ting.types import MAX_MESSAGES, MAX_PARTS, MAX_TEXT_CHARS
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class _Open(BaseModel):
@@ -23,14 +27,14 @@ class AudioUrl(_Open):
 
 class ContentPart(_Open):
     type: str
-    text: str | None = None
+    text: Text | None = None
     input_audio: InputAudio | None = None
     audio_url: AudioUrl | str | None = None
 
 
 class ChatMessage(_Open):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
 
 
 class StreamOptions(_Open):
@@ -39,7 +43,7 @@ class StreamOptions(_Open):
 
 class ChatCompletionRequest(_Open):
     model: str
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
