@@ -17,7 +17,16 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ting.audio import AudioLoader, Resolver, system_resolver
+from ting.audio import (
+    AudioLoader,
+    AudioSources,
+    DecoderPool,
+    HttpFetcher,
+    MediaGuard,
+    ObjectStore,
+    Resolver,
+    system_resolver,
+)
 from ting.config import Settings
 from ting.engine import Engine
 from ting.errors import NotReady
@@ -44,7 +53,7 @@ class Runtime:
         self.store = store or Store(settings.database_url, home=settings.home_path, static_keys=settings.api_key,
                                     upload_ttl_s=settings.upload_ttl_s,
                                     instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}")
-        self.audio = AudioLoader.from_settings(settings, self.store.files, resolver=resolver)
+        self.audio = _audio_loader(settings, self.store.files, resolver)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
         self._load_engine = load_engine
@@ -158,6 +167,21 @@ class Runtime:
             await asyncio.to_thread(self.engine.stop)
         await self.audio.close()
         await self.store.close()
+
+
+def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) -> AudioLoader:
+    fetcher = HttpFetcher(
+        MediaGuard(settings.allow_media_hosts),
+        max_bytes=settings.max_audio_bytes,
+        connect_timeout_s=settings.fetch_connect_timeout_s,
+        read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_timeout_s,
+        concurrency=settings.fetch_concurrency,
+        resolver=resolver,
+    )
+    pool = DecoderPool(settings.decode_workers, timeout_s=settings.decode_timeout_s,
+                       memory_mib=settings.decode_memory_mib)
+    return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool)
 
 
 def runtime_of(request: Request) -> Runtime:

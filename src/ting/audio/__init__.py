@@ -17,7 +17,6 @@ from ting.audio.sources import (
     system_resolver,
 )
 from ting.audio.tokens import audio_tokens, billed_audio_tokens
-from ting.config import Settings
 from ting.types import WINDOW_S, AudioClip
 
 __all__ = [
@@ -40,23 +39,6 @@ class AudioLoader:
     def __init__(self, sources: AudioSources, pool: DecoderPool) -> None:
         self.sources = sources
         self.pool = pool
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, store: ObjectStore | None, *, resolver: Resolver = system_resolver
-    ) -> AudioLoader:
-        fetcher = HttpFetcher(
-            MediaGuard(settings.allow_media_hosts),
-            max_bytes=settings.max_audio_bytes,
-            connect_timeout_s=settings.fetch_connect_timeout_s,
-            read_timeout_s=settings.fetch_read_timeout_s,
-            total_timeout_s=settings.fetch_timeout_s,
-            concurrency=settings.fetch_concurrency,
-            resolver=resolver,
-        )
-        pool = DecoderPool(settings.decode_workers, timeout_s=settings.decode_timeout_s,
-                           memory_mib=settings.decode_memory_mib)
-        return cls(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool)
 
     async def start(self) -> None:
         await self.pool.start()
