@@ -49,7 +49,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
         return _response(request, IllegalJson())
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
-                                               f"parameters. {where}: {first.get('msg', '')}".strip()))
+                                               f"parameters. {where}: {first.get('msg', '')}".strip(),
+                                               param=where or None))
 
 
 class _Playground(StaticFiles):

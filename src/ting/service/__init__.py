@@ -8,8 +8,10 @@ from ting.service.transcription import (
     Transcript,
     TranscriptionService,
     clean_transcript,
+    join_windows,
     transcription_call,
 )
 
 __all__ = ["Call", "ChatService", "Generation", "ModelLimits", "Models", "Segment", "Transcript",
-           "TranscriptionService", "clean_transcript", "new_request_id", "transcription_call"]
+           "TranscriptionService", "clean_transcript", "join_windows", "new_request_id",
+           "transcription_call"]

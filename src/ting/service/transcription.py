@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from ting.audio import billed_audio_tokens
 from ting.errors import AudioError, InvalidParameter, TingError
 from ting.service.chat import Call, ChatService
+from ting.service.language import ANSWER_SAMPLING, language_from_answer, question
 from ting.store import Outcome
 from ting.types import (
     MIN_SAMPLES,
@@ -96,7 +98,7 @@ class Transcript:
     task: str  # transcribe | translate
     text: str
     segments: tuple[Segment, ...]
-    language: str | None  # as asked for (the model does not report one)
+    language: str | None  # as asked for, or as the model answered when asked (detect_language), else None
     duration_s: float
     usage: Usage
 
@@ -129,7 +131,8 @@ def instruction(task: str, language: str | None, prompt: str | None, target: str
     return text
 
 
-def _join(parts: list[str]) -> str:
+def join_windows(parts: list[str]) -> str:
+    """Window texts joined into one transcript (a space between words, none between CJK characters)."""
     out = ""
     for part in (p for p in parts if p):
         if out and not (_cjk(out[-1]) and _cjk(part[0])):
@@ -147,8 +150,13 @@ class TranscriptionService:
         self.chat = chat
 
     async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
-                  prompt: str | None = None, temperature: float | None = None, target: str = "en") -> Transcript:
-        """Transcribe (or translate) a whole recording: one request, one ledger row."""
+                  prompt: str | None = None, temperature: float | None = None, target: str = "en",
+                  detect_language: bool = False, on_text: Callable[[int, str], None] | None = None) -> Transcript:
+        """Transcribe (or translate) a whole recording: one request, one ledger row.
+
+        `on_text(i, text)` receives each window's text as soon as it is done (windows finish in any order).
+        With `detect_language` and no `language`, the model is also asked which language the first window is in.
+        """
         svc = self.chat
         started = time.monotonic()
         who = await svc.admit(call, task=task)
@@ -168,13 +176,18 @@ class TranscriptionService:
             text = instruction(task, language and language.lower(), prompt, target)
             parts = [AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec)
                      for a, b in spans]
-            prompts = await asyncio.gather(*(svc.engine.prepare(
-                (Message("user", (AudioPart("upload", p), TextPart(text))),)) for p in parts))
+            asks = [(Message("user", (AudioPart("upload", p), TextPart(text))),) for p in parts]
+            asking = detect_language and language is None
+            clips = [*parts, parts[0]] if asking else parts
+            if asking:
+                asks.append(question(parts[0]))  # one more prompt: its answer is the last result
+            prompts = await asyncio.gather(*(svc.engine.prepare(m) for m in asks))
             max_tokens = limits.max_output_tokens
             params = SamplingParams(temperature=0.0 if temperature is None else temperature, max_tokens=max_tokens,
                                     repetition_penalty=1.05)
-            samplings = [svc.engine.resolve(params, pr) for pr in prompts]
-            billed = [billed_audio_tokens(len(p.samples)) for p in parts]
+            samplings = [svc.engine.resolve(ANSWER_SAMPLING if i == len(parts) else params, pr)
+                         for i, pr in enumerate(prompts)]
+            billed = [billed_audio_tokens(len(c.samples)) for c in clips]
             most = sum(pr.text_tokens + b + s.max_tokens for pr, b, s in zip(prompts, billed, samplings, strict=True))
             await svc.store.quota.reserve(who, call.request_id, most)
 
@@ -183,13 +196,20 @@ class TranscriptionService:
                 async for chunk in svc.engine.generate(prompts[i], samplings[i], request_id=call.request_id):
                     out.append(chunk.text)
                     n = chunk.usage.output_tokens
-                return clean_transcript("".join(out)), n
+                if i == len(parts):
+                    return language_from_answer("".join(out)), n
+                words = clean_transcript("".join(out))
+                if on_text is not None:
+                    on_text(i, words)
+                return words, n
 
             results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
             usage = Usage(input_tokens=sum(p.text_tokens for p in prompts), audio_tokens=sum(billed),
                           output_tokens=sum(n for _, n in results))
             segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, t)
-                             for (a, b), (t, _) in zip(spans, results, strict=True))
+                             for (a, b), (t, _) in zip(spans, results[:len(parts)], strict=True))
+            if asking:
+                language = results[-1][0]
         except TingError as exc:
             await svc.settle(call, who, Outcome("error", usage, seconds, exc.code, _ms(started)))
             raise
@@ -197,8 +217,8 @@ class TranscriptionService:
             await svc.settle(call, who, Outcome("aborted", usage, seconds, "ClientClosedRequest", _ms(started)))
             raise
         await svc.settle(call, who, Outcome("ok", usage, seconds, None, _ms(started)))
-        return Transcript(task=task, text=_join([s.text for s in segments]), segments=segments, language=language,
-                          duration_s=round(seconds, 3), usage=usage)
+        return Transcript(task=task, text=join_windows([s.text for s in segments]), segments=segments,
+                          language=language, duration_s=round(seconds, 3), usage=usage)
 
 
 def _ms(started: float) -> int:
