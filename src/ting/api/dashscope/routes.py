@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ting.api.auth import bearer
-from ting.api.dashscope.convert import dumps, error_body, response_body, stream_body, to_chat_request
+from ting.api.dashscope.convert import dumps, error_body, response_body, stream_frames, to_chat_request
 from ting.api.dashscope.schemas import ErrorResponse, GenerationRequest, GenerationResponse
 from ting.api.runtime import runtime_of
 from ting.api.streaming import HEARTBEAT, shielded, until_disconnected, with_heartbeats
@@ -63,11 +63,11 @@ async def _events(gen: Generation, incremental: bool, heartbeat_s: float) -> Asy
             text += chunk.text
             if not chunk.text and chunk.finish_reason is None:
                 continue  # a token that completed no character yet
-            n += 1
-            data = stream_body(chunk.text if incremental else text, chunk.finish_reason, chunk.usage, gen.request_id)
             if chunk.finish_reason is not None:
                 await shielded(gen.close)  # the ledger has it before the client sees the end
-            yield f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{dumps(data)}\n\n".encode()
+            for data in stream_frames(chunk.text, text, chunk.finish_reason, chunk.usage, gen.request_id, incremental):
+                n += 1
+                yield f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{dumps(data)}\n\n".encode()
     except TingError as exc:
         n += 1
         data = error_body(exc.code, exc.message, gen.request_id)
