@@ -445,8 +445,9 @@ def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: 
         r = post(s, request(wav, temperature=0, max_tokens=4, incremental_output=True), stream=True)
         monkeypatch.undo()
     assert r.text.count(":keepalive\n\n") >= 4
-    texts = [d["output"]["choices"][0]["message"]["content"][0]["text"] for *_, d in events(r.text)]
-    assert "".join(texts) == plain["output"]["choices"][0]["message"]["content"][0]["text"]
+    contents = [d["output"]["choices"][0]["message"]["content"] for *_, d in events(r.text)]
+    assert contents[-1] == [] and "".join(c[0]["text"] for c in contents[:-1]) == \
+        plain["output"]["choices"][0]["message"]["content"][0]["text"]
 
 
 def test_health_and_access_log(server: LiveServer, wav: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from openai import OpenAI
 
 from tests import corpus as C
 from tests.api.conftest import LiveServer, MediaHost, live_server
+from tests.api.test_dashscope_http import slow_down_steps
 from ting.audio.decode import decode_bytes
 from ting.audio.tokens import billed_audio_tokens
 from ting.service.language import ANSWER_SAMPLING, language_from_answer, question, whisper_name
@@ -242,6 +244,22 @@ def test_streaming_transcription_errors_come_before_the_stream(client: OpenAI, s
     r = httpx.post(server.url + "/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true",
                    "response_format": "srt"}, files={"file": ("a.wav", b"RIFF")}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_a_streaming_transcription_whose_client_hangs_up_is_settled_once(engine, tmp_path: Path, corpus,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    with live_server(engine, tmp_path) as s:
+        slow_down_steps(engine, monkeypatch, 0.2)  # no window can be done before the client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"},
+                       files={"file": ("a.wav", corpus["wav_pcm_s16_en"].path.read_bytes())},
+                       timeout=httpx.Timeout(60, read=0.5))
+        deadline = time.monotonic() + 60
+        while not s.run(s.runtime.store.ledger.rows()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = s.run(s.runtime.store.ledger.rows())
+        assert [(r.status, r.error_code) for r in rows] == [("aborted", "ClientClosedRequest")]
+        assert s.run(s.runtime.store.quota.in_flight()) == 0
 
 
 def test_models_retrieve(client: OpenAI, server: LiveServer) -> None:

@@ -173,10 +173,14 @@ async def _deltas(done: asyncio.Queue[tuple[int, str]], task: asyncio.Future[Tra
                 task.result()  # its error, if it failed
                 return
             getter = asyncio.ensure_future(done.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                continue
+            try:
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                got = getter.done()
+                if not got:
+                    getter.cancel()
+            if not got:
+                continue  # the transcription ended: what it put in the queue meanwhile is read above
             i, text = getter.result()
         else:
             i, text = done.get_nowait()
