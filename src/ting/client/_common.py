@@ -335,7 +335,7 @@ def conversation(history: list[dict[str, Any]] | None, system: str | None, text:
 
 def parse_transcript(body: Any, response_format: str) -> Transcript | str:
     if response_format in ("text", "srt", "vtt"):
-        return body
+        return str(body)
     segments = [Segment(s["start"], s["end"], s["text"]) for s in body.get("segments", [])]
     return Transcript(text=body["text"], segments=segments, duration=body.get("duration"),
                       language=body.get("language"))

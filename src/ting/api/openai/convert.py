@@ -7,7 +7,9 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+from starlette.datastructures import FormData
 
 from ting.api.openai.schemas import ChatCompletionRequest, ContentPart
 from ting.errors import InvalidParameter
@@ -202,12 +204,6 @@ GRANULARITIES = ("segment", "word")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
-class Form(Protocol):
-    def get(self, key: str, default: Any = None) -> Any: ...
-
-    def getlist(self, key: str) -> list[Any]: ...
-
-
 @dataclass(frozen=True)
 class AudioForm:
     """A Whisper-style form, checked (the file itself is read by the route)."""
@@ -221,7 +217,7 @@ class AudioForm:
     target: str  # translations: the language to translate into (an extension; "en" as Whisper)
 
 
-def audio_form(form: Form, task: str) -> AudioForm:
+def audio_form(form: FormData, task: str) -> AudioForm:
     model = _field(form, "model")
     if not model:
         raise InvalidParameter("model is required.", param="model")
@@ -245,18 +241,18 @@ def served_model(name: str, own: str) -> str:
     return own if name in TRANSCRIPTION_MODELS else name
 
 
-def _field(form: Form, name: str) -> str:
+def _field(form: FormData, name: str) -> str:
     return str(form.get(name) or "").strip()
 
 
-def _flag(form: Form, name: str) -> bool:
+def _flag(form: FormData, name: str) -> bool:
     value = _field(form, name).lower()
     if value not in _TRUE + _FALSE:
         raise InvalidParameter(f"{name} must be true or false.", param=name)
     return value in _TRUE
 
 
-def _number(form: Form, name: str) -> float | None:
+def _number(form: FormData, name: str) -> float | None:
     value = _field(form, name)
     if not value:
         return None

@@ -174,7 +174,8 @@ async def _deltas(done: asyncio.Queue[tuple[int, str]], task: asyncio.Future[Tra
                 return
             getter = asyncio.ensure_future(done.get())
             try:
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: list[asyncio.Future[Any]] = [getter, task]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 got = getter.done()
                 if not got:
