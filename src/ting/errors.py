@@ -6,7 +6,7 @@ Errors are raised, never returned. Each class knows its HTTP status and its Dash
 * TingError
   + BadRequest                 400 (the caller can fix it)
     - InvalidParameter         400 InvalidParameter
-      · ModelNotFound          400 InvalidParameter "Model not exist."
+      · ModelNotFound          400 InvalidParameter "Model not exist." (OpenAI: 404 model_not_found)
       · InputTooLong           400 InvalidParameter (context / max input / max output limits)
     - IllegalJson              400 BadRequest.IllegalInput
     - EmptyInput / EmptyModel  400 BadRequest.EmptyInput / BadRequest.EmptyModel
@@ -45,9 +45,11 @@ class TingError(Exception):
     openai_type: str = "server_error"
     openai_code: str | None = None
 
-    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None,
+                 param: str | None = None) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s  # seconds a client should wait, for 429/503
+        self.param = param  # the offending request field, where known (OpenAI's `param`)
         super().__init__(self.message)
 
     def __repr__(self) -> str:
@@ -62,6 +64,7 @@ class BadRequest(TingError):
     code = "InvalidParameter"
     default_message = "Required parameter(s) missing or invalid, please check the request parameters."
     openai_type = "invalid_request_error"
+    openai_code: str | None = "invalid_value"
 
 
 class InvalidParameter(BadRequest):
@@ -80,21 +83,25 @@ class InputTooLong(InvalidParameter):
 class IllegalJson(BadRequest):
     code = "BadRequest.IllegalInput"
     default_message = "The input parameter requires json format."
+    openai_code = "invalid_json"
 
 
 class EmptyInput(BadRequest):
     code = "BadRequest.EmptyInput"
     default_message = "Required input parameter missing from request."
+    openai_code = "missing_required_parameter"
 
 
 class EmptyModel(BadRequest):
     code = "BadRequest.EmptyModel"
     default_message = 'Required parameter "model" missing from request.'
+    openai_code = "missing_required_parameter"
 
 
 class PayloadTooLarge(BadRequest):
     code = "BadRequest.TooLarge"
     default_message = "Payload Too Large."
+    openai_code = "payload_too_large"
 
 
 class AudioError(BadRequest):
@@ -226,6 +233,7 @@ class UploadRejected(TingError):
     code = "AccessDenied"
     default_message = "Invalid according to Policy: Policy expired."
     openai_type = "invalid_request_error"
+    openai_code = "upload_rejected"
 
     def __init__(self, message: str | None = None, *, status: int = 403, code: str = "AccessDenied") -> None:
         super().__init__(message)
@@ -281,6 +289,7 @@ class ShuttingDown(TingError):
 class EngineError(TingError):
     status = 500
     code = "InternalError"
+    openai_code = "internal_error"
 
 
 class ModelLoadError(TingError):

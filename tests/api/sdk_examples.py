@@ -24,7 +24,8 @@ def report(name, response):  # type: ignore[no-untyped-def]
             "request_id": response.request_id}
     if response.status_code == 200:
         choice = response.output.choices[0]
-        item.update(text=choice.message.content[0]["text"], role=choice.message.role,
+        content = choice.message.content  # [] in the last event of an incremental stream, as the hosted API's
+        item.update(text=content[0]["text"] if content else None, role=choice.message.role,
                     finish_reason=choice.finish_reason, usage=dict(response.usage))
     print(json.dumps(item, ensure_ascii=False), flush=True)
 

@@ -88,10 +88,12 @@ def test_the_stream_is_framed_exactly_as_dashscope_frames_it(server: LiveServer,
     assert len({d["request_id"] for d in datas}) == 1 and datas[0]["request_id"] == r.headers["x-request-id"]
     reasons = [d["output"]["choices"][0]["finish_reason"] for d in datas]
     assert reasons[:-1] == ["null"] * (len(reasons) - 1) and reasons[-1] in ("stop", "length")
-    texts = [d["output"]["choices"][0]["message"]["content"][0]["text"] for d in datas]
-    if incremental:
-        assert "".join(texts) == whole
-    else:  # false or absent: every event carries the whole text so far
+    contents = [d["output"]["choices"][0]["message"]["content"] for d in datas]
+    if incremental:  # deltas, then a last event with no content at all, as the hosted API ends the stream
+        assert contents[-1] == [] and all(c for c in contents[:-1])
+        assert "".join(c[0]["text"] for c in contents[:-1]) == whole
+    else:  # false or absent: every event carries the whole text so far, the last one too
+        texts = [c[0]["text"] for c in contents]
         assert texts[-1] == whole and all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
     usages = [d["usage"] for d in datas]
     assert all(list(u) == ["input_tokens", "output_tokens", "audio_tokens"] for u in usages)
@@ -100,6 +102,40 @@ def test_the_stream_is_framed_exactly_as_dashscope_frames_it(server: LiveServer,
     for line in r.text.splitlines():  # every data line is a single line of JSON
         if line.startswith("data:"):
             json.loads(line[5:])
+
+
+def test_the_last_incremental_event_carries_empty_content_byte_for_byte(server: LiveServer, wav: str) -> None:
+    r = post(server, request(wav, temperature=0, max_tokens=20, incremental_output=True), stream=True)
+    frames = r.text.replace(":keepalive\n\n", "").split("\n\n")
+    assert frames[-1] == ""  # the body ends with a whole event
+    last = frames[-2]
+    data = json.loads(last.split("\ndata:", 1)[1])
+    usage = data["usage"]
+    reason = data["output"]["choices"][0]["finish_reason"]
+    assert reason in ("stop", "length")
+    assert last == (
+        f"id:{len(frames) - 1}\nevent:result\n:HTTP_STATUS/200\n"
+        f'data:{{"output":{{"choices":[{{"message":{{"role":"assistant","content":[]}},"finish_reason":"{reason}"}}]}},'
+        f'"usage":{{"input_tokens":{usage["input_tokens"]},"output_tokens":{usage["output_tokens"]},'
+        f'"audio_tokens":{usage["audio_tokens"]}}},"request_id":"{r.headers["x-request-id"]}"}}')
+    before = json.loads(frames[-3].split("\ndata:", 1)[1])  # the text ended in the event before, unfinished
+    assert before["output"]["choices"][0]["finish_reason"] == "null"
+    assert before["output"]["choices"][0]["message"]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_length_is_max_tokens(server: LiveServer, wav: str, stream: bool) -> None:
+    """The Java SDK's maxLength arrives as parameters.max_length; max_tokens wins when both are given."""
+    def output_tokens(**params: Any) -> tuple[int, str]:
+        r = post(server, request(wav, temperature=0, repetition_penalty=1.0, **params), stream=stream)
+        assert r.status_code == 200, r.text
+        data = events(r.text)[-1][3] if stream else r.json()
+        return data["usage"]["output_tokens"], data["output"]["choices"][0]["finish_reason"]
+
+    assert output_tokens(max_length=3) == (3, "length")
+    assert output_tokens(max_length=5, max_tokens=2) == (2, "length")
+    bad = post(server, request(wav, max_length=100000))
+    assert (bad.status_code, bad.json()["code"]) == (400, "InvalidParameter")
 
 
 def test_sse_only_with_the_header(server: LiveServer, wav: str) -> None:
@@ -415,8 +451,9 @@ def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: 
         r = post(s, request(wav, temperature=0, max_tokens=4, incremental_output=True), stream=True)
         monkeypatch.undo()
     assert r.text.count(":keepalive\n\n") >= 4
-    texts = [d["output"]["choices"][0]["message"]["content"][0]["text"] for *_, d in events(r.text)]
-    assert "".join(texts) == plain["output"]["choices"][0]["message"]["content"][0]["text"]
+    contents = [d["output"]["choices"][0]["message"]["content"] for *_, d in events(r.text)]
+    assert contents[-1] == [] and "".join(c[0]["text"] for c in contents[:-1]) == \
+        plain["output"]["choices"][0]["message"]["content"][0]["text"]
 
 
 def test_health_and_access_log(server: LiveServer, wav: str, caplog: pytest.LogCaptureFixture) -> None:

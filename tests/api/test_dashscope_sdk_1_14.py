@@ -50,7 +50,8 @@ def test_streaming_in_both_modes(results: dict[str, list[dict]]) -> None:
     whole = results["stream incremental=False"]
     assert all(i["status_code"] == 200 for i in deltas + whole)
     assert len(deltas) > 1 and len(whole) > 1
-    assert "".join(i["text"] for i in deltas) == whole[-1]["text"] == results["quick start"][0]["text"]
+    assert deltas[-1]["text"] is None and all(i["text"] is not None for i in deltas[:-1] + whole)
+    assert "".join(i["text"] for i in deltas[:-1]) == whole[-1]["text"] == results["quick start"][0]["text"]
     assert [i["finish_reason"] for i in whole][:-1] == ["null"] * (len(whole) - 1)
 
 

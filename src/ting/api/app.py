@@ -53,7 +53,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
         return _response(request, IllegalJson())
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p)))
     return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
-                                               f"parameters. {where}: {first.get('msg', '')}".strip()))
+                                               f"parameters. {where}: {first.get('msg', '')}".strip(),
+                                               param=where or None))
 
 
 def _union_branch(part: str) -> bool:

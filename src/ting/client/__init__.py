@@ -8,8 +8,14 @@
         print(delta.text, end="")
     print(client.transcribe("meeting.mp3", response_format="srt"))
 
+    async with AsyncClient("http://127.0.0.1:8000", api_key="sk-...") as client:   # the same methods, awaited
+        answer = await client.chat("What is said?", audio="speech.wav")
+        async for delta in client.stream("And in French?", history=answer.messages):
+            print(delta.text, end="")
+
 Chat speaks the DashScope protocol (it works against the hosted API too); transcription uses the
 Whisper-style endpoint. Local files up to 7 MB travel inline; larger ones go through the upload flow.
+Requests answered 429 or 503 are sent again (max_retries, default 2) after the server's Retry-After.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ting.client._common import (
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitError,
+    RetryPolicy,
     Segment,
     ServerError,
     TingError,
@@ -35,6 +42,7 @@ from ting.client._sync import Client
 
 __all__ = [
     "AsyncClient", "AuthenticationError", "BadRequestError", "ChatDelta", "ChatResult", "Client", "ConnectionFailed",
-    "NotFoundError", "PermissionDeniedError", "QuotaExceededError", "RateLimitError", "Segment", "ServerError",
+    "NotFoundError", "PermissionDeniedError", "QuotaExceededError", "RateLimitError", "RetryPolicy", "Segment",
+    "ServerError",
     "TingError", "Transcript", "Usage",
 ]

@@ -1,7 +1,8 @@
-"""The asyncio client: the same calls as Client, awaited."""
+"""The asyncio client: Client (_sync.py) awaited, with the same methods and the same behaviour."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -10,13 +11,14 @@ import httpx
 from ting.client._common import (
     DEFAULT_MODEL,
     GENERATION_PATH,
-    INLINE_MAX_BYTES,
     AudioInput,
     ChatDelta,
     ChatResult,
-    ConnectionFailed,
     EventReader,
+    RetryPolicy,
+    TingError,
     Transcript,
+    auth_headers,
     chat_body,
     chat_headers,
     clips_of,
@@ -24,24 +26,29 @@ from ting.client._common import (
     data_uri,
     default_api_key,
     default_base_url,
+    download_failed,
     error_from_response,
     inline_bytes,
     is_reference,
+    needs_upload,
     parse_result,
-    parse_transcript,
     read_audio,
+    transcript_of,
+    transcription_request,
+    unreachable,
     upload_fields,
 )
 
 
 class AsyncClient:
-    """Talks to a Ting server (or the hosted DashScope API) from asyncio code."""
+    """Talks to a Ting server (or the hosted DashScope API) from asyncio code. See Client."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str = DEFAULT_MODEL,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, max_retries: int = 2, max_retry_wait_s: float = 30.0) -> None:
         self.base_url = default_base_url(base_url)
         self.api_key = default_api_key(api_key)
         self.model = model
+        self.retry = RetryPolicy(max_retries=max_retries, max_wait_s=max_retry_wait_s)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False)
 
     async def __aenter__(self) -> AsyncClient:
@@ -54,18 +61,27 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ConnectionFailed(f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})") from None
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, url, **kwargs)
+            except httpx.HTTPError as exc:
+                raise unreachable(self.base_url, exc) from None
+            if response.status_code < 400:
+                return response
+            await self._wait_or_raise(error_from_response(response), attempt)
+            attempt += 1
+
+    async def _wait_or_raise(self, error: TingError, attempt: int) -> None:
+        delay_s = self.retry.delay_s(error, attempt)
+        if delay_s is None:
+            raise error
+        await asyncio.sleep(delay_s)
 
     async def upload(self, audio: AudioInput) -> str:
+        """Upload a file through the DashScope upload flow; returns its oss:// reference (kept 48 h)."""
         data, name = read_audio(audio)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        policy = (await self._send("GET", f"{self.base_url}/api/v1/uploads", headers=headers,
+        policy = (await self._send("GET", f"{self.base_url}/api/v1/uploads", headers=auth_headers(self.api_key),
                                    params={"action": "getPolicy", "model": self.model})).json()["data"]
         fields, reference = upload_fields(policy, name)
         await self._send("POST", policy["upload_host"], data=fields, files={"file": (name, data)})
@@ -75,58 +91,67 @@ class AsyncClient:
         if is_reference(audio):
             return str(audio)
         data, _ = read_audio(audio)
-        return data_uri(data) if len(data) <= INLINE_MAX_BYTES else await self.upload(data)
+        return await self.upload(data) if needs_upload(data) else data_uri(data)
 
     async def chat(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
-                   history: list[dict[str, Any]] | None = None, system: str | None = None, model: str | None = None,
-                   **parameters: Any) -> ChatResult:
-        """The whole answer (see stream() for deltas)."""
-        url, body, headers, messages = await self._prepare(text, audio, history, system, model, False, parameters)
-        return parse_result((await self._send("POST", url, json=body, headers=headers)).json(), messages)
+                   history: list[dict[str, Any]] | None = None, system: str | None = None, stream: bool = False,
+                   model: str | None = None, **parameters: Any) -> ChatResult | AsyncIterator[ChatDelta]:
+        """Ask about audio: the whole answer, or with stream=True the deltas (`async for d in await chat(...)`)."""
+        if stream:
+            return self.stream(text, audio=audio, history=history, system=system, model=model, **parameters)
+        refs = [await self._reference(a) for a in clips_of(audio)]
+        messages, oss = conversation(history, system, text, refs)
+        body = chat_body(model or self.model, messages, False, parameters)
+        response = await self._send("POST", self.base_url + GENERATION_PATH, json=body,
+                                    headers=chat_headers(self.api_key, False, oss))
+        return parse_result(response.json(), messages)
 
     async def stream(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
                      history: list[dict[str, Any]] | None = None, system: str | None = None, model: str | None = None,
                      **parameters: Any) -> AsyncIterator[ChatDelta]:
         """The answer as it is generated."""
-        url, body, headers, _ = await self._prepare(text, audio, history, system, model, True, parameters)
-        try:
-            async with self._http.stream("POST", url, json=body, headers=headers) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise error_from_response(response)
-                reader = EventReader()
-                async for line in response.aiter_lines():
-                    delta = reader.feed(line)
-                    if delta is not None:
-                        yield delta
-        except httpx.HTTPError as exc:
-            raise ConnectionFailed(f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})") from None
-
-    async def _prepare(self, text, audio, history, system, model, stream, parameters):  # type: ignore[no-untyped-def]
         refs = [await self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
-        return (self.base_url + GENERATION_PATH, chat_body(model or self.model, messages, stream, parameters),
-                chat_headers(self.api_key, stream, oss), messages)
+        body = chat_body(model or self.model, messages, True, parameters)
+        headers = chat_headers(self.api_key, True, oss)
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream("POST", self.base_url + GENERATION_PATH, json=body,
+                                             headers=headers) as r:
+                    if r.status_code < 400:
+                        reader = EventReader()
+                        async for line in r.aiter_lines():
+                            delta = reader.feed(line)
+                            if delta is not None:
+                                yield delta
+                        return
+                    await r.aread()
+                    error = error_from_response(r)
+            except httpx.HTTPError as exc:
+                raise unreachable(self.base_url, exc) from None
+            await self._wait_or_raise(error, attempt)
+            attempt += 1
 
     async def transcribe(self, audio: AudioInput, *, language: str | None = None, prompt: str | None = None,
                          translate: bool = False, response_format: str = "json",
                          model: str | None = None) -> Transcript | str:
-        if is_reference(audio):
-            data = inline_bytes(str(audio))
-            if data is None:
-                data = (await self._send("GET", str(audio))).content
-            name = "audio"
-        else:
-            data, name = read_audio(audio)
-        fields = {"model": model or self.model,
-                  "response_format": "verbose_json" if response_format == "json" else response_format}
-        if language and not translate:
-            fields["language"] = language
-        if prompt:
-            fields["prompt"] = prompt
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        task = "translations" if translate else "transcriptions"
-        response = await self._send("POST", f"{self.base_url}/v1/audio/{task}", data=fields,
-                                    files={"file": (name, data)}, headers=headers)
-        body = response.text if fields["response_format"] in ("text", "srt", "vtt") else response.json()
-        return parse_transcript(body, fields["response_format"])
+        """The words in a recording (OpenAI's Whisper-style endpoint). srt, vtt and text come back as strings."""
+        data, name = (await self._download(str(audio)), "audio") if is_reference(audio) else read_audio(audio)
+        path, fields = transcription_request(model or self.model, response_format, language, prompt, translate)
+        response = await self._send("POST", self.base_url + path, data=fields, files={"file": (name, data)},
+                                    headers=auth_headers(self.api_key))
+        return transcript_of(response, fields)
+
+    async def _download(self, url: str) -> bytes:
+        """The audio a URL (or data: URI) refers to, fetched here to be sent as the file."""
+        inline = inline_bytes(url)
+        if inline is not None:
+            return inline
+        try:
+            response = await self._http.get(url)
+        except httpx.HTTPError as exc:
+            raise download_failed(url, type(exc).__name__) from None
+        if response.status_code >= 400:
+            raise download_failed(url, f"HTTP {response.status_code}")
+        return response.content

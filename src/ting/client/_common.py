@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,10 @@ AudioInput = str | Path | bytes  # a URL (http, https, data, oss), a file path, 
 
 
 class TingError(Exception):
-    """An error answered by the server (or no answer at all). `code` is the DashScope/OpenAI error code."""
+    """An error answered by the server (or no answer at all). `code` is the DashScope/OpenAI error code;
+    `retry_after` the seconds the server asked to wait (429 and 503), when it said."""
+
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
                  request_id: str | None = None) -> None:
@@ -60,8 +65,6 @@ class NotFoundError(TingError):
 
 class RateLimitError(TingError):
     """429: too many requests for this key; `retry_after` says when to try again."""
-
-    retry_after: float | None = None
 
 
 class ServerError(TingError):
@@ -237,9 +240,77 @@ def error_from_response(response: httpx.Response) -> TingError:
     except ValueError:
         body = None
     error = error_from(response.status_code, body, response.text[:500])
-    if isinstance(error, RateLimitError) and response.headers.get("retry-after"):
-        error.retry_after = float(response.headers["retry-after"])
+    error.retry_after = retry_after_s(response.headers.get("retry-after"))
     return error
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+QUOTA_CODES = ("AllocationQuota.FreeTierOnly", "insufficient_quota")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which failed requests to send again, and after how long: 429 and 503 (a spent quota is no reason),
+    at most `max_retries` times, waiting what Retry-After says (else `backoff_s`, doubling), never longer than
+    `max_wait_s` (a longer Retry-After is given back to the caller at once)."""
+
+    max_retries: int = 2
+    max_wait_s: float = 30.0
+    backoff_s: float = 0.5
+
+    def delay_s(self, error: TingError, attempt: int) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None: raise `error`."""
+        if attempt >= self.max_retries or error.status not in (429, 503) or error.code in QUOTA_CODES:
+            return None
+        delay = error.retry_after if error.retry_after is not None else self.backoff_s * 2**attempt
+        return delay if delay <= self.max_wait_s else None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def needs_upload(data: bytes) -> bool:
+    """Too large to travel inline as a data: URI."""
+    return len(data) > INLINE_MAX_BYTES
+
+
+def unreachable(base_url: str, exc: Exception) -> ConnectionFailed:
+    return ConnectionFailed(f"cannot reach {base_url} ({type(exc).__name__}: {exc})")
+
+
+def download_failed(url: str, reason: str) -> ConnectionFailed:
+    return ConnectionFailed(f"cannot download {url} ({reason})")
+
+
+def transcription_request(model: str, response_format: str, language: str | None, prompt: str | None,
+                          translate: bool) -> tuple[str, dict[str, str]]:
+    """The endpoint path and form fields of a transcription (json is asked as verbose_json, for the segments)."""
+    fields = {"model": model, "response_format": "verbose_json" if response_format == "json" else response_format}
+    if language and not translate:
+        fields["language"] = language
+    if prompt:
+        fields["prompt"] = prompt
+    return f"/v1/audio/{'translations' if translate else 'transcriptions'}", fields
+
+
+def transcript_of(response: httpx.Response, fields: dict[str, str]) -> Transcript | str:
+    text_form = fields["response_format"] in ("text", "srt", "vtt")
+    return parse_transcript(response.text if text_form else response.json(), fields["response_format"])
 
 
 def clips_of(audio: AudioInput | Sequence[AudioInput] | None) -> list[AudioInput]:
@@ -264,7 +335,7 @@ def conversation(history: list[dict[str, Any]] | None, system: str | None, text:
 
 def parse_transcript(body: Any, response_format: str) -> Transcript | str:
     if response_format in ("text", "srt", "vtt"):
-        return body
+        return str(body)
     segments = [Segment(s["start"], s["end"], s["text"]) for s in body.get("segments", [])]
     return Transcript(text=body["text"], segments=segments, duration=body.get("duration"),
                       language=body.get("language"))

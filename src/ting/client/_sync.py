@@ -1,7 +1,8 @@
-"""The blocking client."""
+"""The blocking client. AsyncClient (_async.py) is the same client, awaited: keep the two in step."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -10,13 +11,14 @@ import httpx
 from ting.client._common import (
     DEFAULT_MODEL,
     GENERATION_PATH,
-    INLINE_MAX_BYTES,
     AudioInput,
     ChatDelta,
     ChatResult,
-    ConnectionFailed,
     EventReader,
+    RetryPolicy,
+    TingError,
     Transcript,
+    auth_headers,
     chat_body,
     chat_headers,
     clips_of,
@@ -24,12 +26,16 @@ from ting.client._common import (
     data_uri,
     default_api_key,
     default_base_url,
+    download_failed,
     error_from_response,
     inline_bytes,
     is_reference,
+    needs_upload,
     parse_result,
-    parse_transcript,
     read_audio,
+    transcript_of,
+    transcription_request,
+    unreachable,
     upload_fields,
 )
 
@@ -39,13 +45,17 @@ class Client:
 
     >>> client = Client("http://127.0.0.1:8000", api_key="sk-...")
     >>> client.chat("What is said?", audio="speech.wav").text
+
+    A request answered 429 or 503 is sent again, at most `max_retries` times, after the Retry-After the server
+    gives (never waiting longer than `max_retry_wait_s`: a longer one is raised at once, with `retry_after`).
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str = DEFAULT_MODEL,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, max_retries: int = 2, max_retry_wait_s: float = 30.0) -> None:
         self.base_url = default_base_url(base_url)
         self.api_key = default_api_key(api_key)
         self.model = model
+        self.retry = RetryPolicy(max_retries=max_retries, max_wait_s=max_retry_wait_s)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False)
 
     def __enter__(self) -> Client:
@@ -58,19 +68,27 @@ class Client:
         self._http.close()
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ConnectionFailed(f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})") from None
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.HTTPError as exc:
+                raise unreachable(self.base_url, exc) from None
+            if response.status_code < 400:
+                return response
+            self._wait_or_raise(error_from_response(response), attempt)
+            attempt += 1
+
+    def _wait_or_raise(self, error: TingError, attempt: int) -> None:
+        delay_s = self.retry.delay_s(error, attempt)
+        if delay_s is None:
+            raise error
+        time.sleep(delay_s)
 
     def upload(self, audio: AudioInput) -> str:
         """Upload a file through the DashScope upload flow; returns its oss:// reference (kept 48 h)."""
         data, name = read_audio(audio)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        policy = self._send("GET", f"{self.base_url}/api/v1/uploads", headers=headers,
+        policy = self._send("GET", f"{self.base_url}/api/v1/uploads", headers=auth_headers(self.api_key),
                             params={"action": "getPolicy", "model": self.model}).json()["data"]
         fields, reference = upload_fields(policy, name)
         self._send("POST", policy["upload_host"], data=fields, files={"file": (name, data)})
@@ -80,64 +98,70 @@ class Client:
         if is_reference(audio):
             return str(audio)
         data, _ = read_audio(audio)
-        return data_uri(data) if len(data) <= INLINE_MAX_BYTES else self.upload(data)
+        return self.upload(data) if needs_upload(data) else data_uri(data)
 
     def chat(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
              history: list[dict[str, Any]] | None = None, system: str | None = None, stream: bool = False,
              model: str | None = None, **parameters: Any) -> ChatResult | Iterator[ChatDelta]:
-        """Ask about audio. With stream=True, an iterator of deltas; else the whole answer.
+        """Ask about audio: the whole answer, or with stream=True the deltas (as stream() gives them).
 
         `history` is the `messages` of an earlier ChatResult (the conversation so far). `parameters` are the
         DashScope ones: max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, ...
         """
+        if stream:
+            return self.stream(text, audio=audio, history=history, system=system, model=model, **parameters)
         refs = [self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
-        body = chat_body(model or self.model, messages, stream, parameters)
-        headers = chat_headers(self.api_key, stream, oss)
-        url = self.base_url + GENERATION_PATH
-        if not stream:
-            return parse_result(self._send("POST", url, json=body, headers=headers).json(), messages)
-        return self._stream(url, body, headers)
+        body = chat_body(model or self.model, messages, False, parameters)
+        response = self._send("POST", self.base_url + GENERATION_PATH, json=body,
+                              headers=chat_headers(self.api_key, False, oss))
+        return parse_result(response.json(), messages)
 
-    def _stream(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Iterator[ChatDelta]:
-        try:
-            with self._http.stream("POST", url, json=body, headers=headers) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise error_from_response(response)
-                reader = EventReader()
-                for line in response.iter_lines():
-                    delta = reader.feed(line)
-                    if delta is not None:
-                        yield delta
-        except httpx.HTTPError as exc:
-            raise ConnectionFailed(f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})") from None
+    def stream(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
+               history: list[dict[str, Any]] | None = None, system: str | None = None, model: str | None = None,
+               **parameters: Any) -> Iterator[ChatDelta]:
+        """The answer as it is generated."""
+        refs = [self._reference(a) for a in clips_of(audio)]
+        messages, oss = conversation(history, system, text, refs)
+        body = chat_body(model or self.model, messages, True, parameters)
+        headers = chat_headers(self.api_key, True, oss)
+        attempt = 0
+        while True:
+            try:
+                with self._http.stream("POST", self.base_url + GENERATION_PATH, json=body, headers=headers) as r:
+                    if r.status_code < 400:
+                        reader = EventReader()
+                        for line in r.iter_lines():
+                            delta = reader.feed(line)
+                            if delta is not None:
+                                yield delta
+                        return
+                    r.read()
+                    error = error_from_response(r)
+            except httpx.HTTPError as exc:
+                raise unreachable(self.base_url, exc) from None
+            self._wait_or_raise(error, attempt)
+            attempt += 1
 
     def transcribe(self, audio: AudioInput, *, language: str | None = None, prompt: str | None = None,
                    translate: bool = False, response_format: str = "json",
                    model: str | None = None) -> Transcript | str:
         """The words in a recording (OpenAI's Whisper-style endpoint). srt, vtt and text come back as strings."""
-        data, name = read_audio(audio) if not is_reference(audio) else (_fetch(self._http, str(audio)), "audio")
-        fields = {"model": model or self.model, "response_format": "verbose_json" if response_format == "json"
-                  else response_format}
-        if language and not translate:
-            fields["language"] = language
-        if prompt:
-            fields["prompt"] = prompt
-        task = "translations" if translate else "transcriptions"
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        response = self._send("POST", f"{self.base_url}/v1/audio/{task}", data=fields, files={"file": (name, data)},
-                              headers=headers)
-        body = response.text if fields["response_format"] in ("text", "srt", "vtt") else response.json()
-        return parse_transcript(body, fields["response_format"])
+        data, name = (self._download(str(audio)), "audio") if is_reference(audio) else read_audio(audio)
+        path, fields = transcription_request(model or self.model, response_format, language, prompt, translate)
+        response = self._send("POST", self.base_url + path, data=fields, files={"file": (name, data)},
+                              headers=auth_headers(self.api_key))
+        return transcript_of(response, fields)
 
-
-def _fetch(http: httpx.Client, url: str) -> bytes:
-    inline = inline_bytes(url)
-    if inline is not None:
-        return inline
-    try:
-        return http.get(url).raise_for_status().content
-    except httpx.HTTPError as exc:
-        raise ConnectionFailed(f"cannot download {url} ({type(exc).__name__})") from None
-
+    def _download(self, url: str) -> bytes:
+        """The audio a URL (or data: URI) refers to, fetched here to be sent as the file."""
+        inline = inline_bytes(url)
+        if inline is not None:
+            return inline
+        try:
+            response = self._http.get(url)
+        except httpx.HTTPError as exc:
+            raise download_failed(url, type(exc).__name__) from None
+        if response.status_code >= 400:
+            raise download_failed(url, f"HTTP {response.status_code}")
+        return response.content

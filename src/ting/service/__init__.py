@@ -10,9 +10,10 @@ from ting.service.transcription import (
     Transcript,
     TranscriptionService,
     clean_transcript,
+    join_windows,
     transcription_call,
 )
 
 __all__ = ["Call", "ChatService", "ClientGone", "Generation", "Lifecycle", "ModelLimits", "Models", "Report",
-           "Segment", "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "outcome_of",
+           "Segment", "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "join_windows", "outcome_of",
            "transcription_call"]

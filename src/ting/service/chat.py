@@ -172,7 +172,7 @@ class ChatService:
         if params.max_tokens is None:
             return replace(params, max_tokens=limits.max_output_tokens)
         if not 1 <= params.max_tokens <= limits.max_output_tokens:
-            raise InvalidParameter(f"Range of max_tokens should be [1, {limits.max_output_tokens}]")
+            raise InvalidParameter(f"Range of max_tokens should be [1, {limits.max_output_tokens}]", param="max_tokens")
         return params
 
     async def _load_audio(self, call: Call, who: Principal) -> list[AudioClip]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from ting.audio import AudioLoader, billed_audio_tokens
 from ting.engine import Engine, Prompt, Sampling
 from ting.errors import AudioError, InvalidParameter
 from ting.service.chat import Models, first_error
+from ting.service.language import ANSWER_SAMPLING, language_from_answer, question
 from ting.service.lifecycle import Call, Lifecycle, Report, Ticket
 from ting.types import (
     MIN_SAMPLES,
@@ -97,7 +99,7 @@ class Transcript:
     task: str  # transcribe | translate
     text: str
     segments: tuple[Segment, ...]
-    language: str | None  # as asked for (the model does not report one)
+    language: str | None  # as asked for, or as the model answered when asked (detect_language), else None
     duration_s: float
     usage: Usage
 
@@ -130,7 +132,8 @@ def instruction(task: str, language: str | None, prompt: str | None, target: str
     return text
 
 
-def _join(parts: list[str]) -> str:
+def join_windows(parts: list[str]) -> str:
+    """Window texts joined into one transcript (a space between words, none between CJK characters)."""
     out = ""
     for part in (p for p in parts if p):
         if out and not (_cjk(out[-1]) and _cjk(part[0])):
@@ -150,11 +153,14 @@ class TranscriptionService:
         self.max_seconds = max_seconds
 
     async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
-                  prompt: str | None = None, temperature: float | None = None, target: str = "en") -> Transcript:
+                  prompt: str | None = None, temperature: float | None = None, target: str = "en",
+                  detect_language: bool = False, on_text: Callable[[int, str], None] | None = None) -> Transcript:
         """Transcribe (or translate) a whole recording: one request, one ledger row.
 
         The windows run together; if one fails (the engine's queue is full, say) the others are cancelled, and
-        the request is charged what ran.
+        the request is charged what ran. `on_text(i, text)` receives each window's text as soon as it is done
+        (windows finish in any order). With `detect_language` and no `language`, the model is also asked which
+        language the first window is in.
         """
         ticket = await self.lifecycle.admit(call, task=task)
         async with ticket:
@@ -171,26 +177,42 @@ class TranscriptionService:
             text = instruction(task, language and language.lower(), prompt, target)
             parts = [AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec)
                      for a, b in spans]
-            prompts = await asyncio.gather(*(self.engine.prepare(
-                (Message("user", (AudioPart("upload", p), TextPart(text))),)) for p in parts))
+            asks: list[tuple[Message, ...]] = [(Message("user", (AudioPart("upload", p), TextPart(text))),)
+                                               for p in parts]
+            asking = detect_language and language is None
+            clips = [*parts, parts[0]] if asking else parts
+            if asking:
+                asks.append(question(parts[0]))  # one more prompt: its answer is the last result
+            prompts = await asyncio.gather(*(self.engine.prepare(m) for m in asks))
             params = SamplingParams(temperature=0.0 if temperature is None else temperature,
                                     max_tokens=limits.max_output_tokens, repetition_penalty=1.05)
-            samplings = [self.engine.resolve(params, pr) for pr in prompts]
-            billed = [billed_audio_tokens(len(p.samples)) for p in parts]
+            samplings = [self.engine.resolve(ANSWER_SAMPLING if i == len(parts) else params, pr)
+                         for i, pr in enumerate(prompts)]
+            billed = [billed_audio_tokens(len(c.samples)) for c in clips]
             await ticket.reserve(sum(pr.text_tokens + b + s.max_tokens
                                      for pr, b, s in zip(prompts, billed, samplings, strict=True)))
-            texts = await self._generate(ticket, prompts, samplings, billed)
-            segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, t)
-                             for (a, b), t in zip(spans, texts, strict=True))
-        return Transcript(task=task, text=_join([s.text for s in segments]), segments=segments, language=language,
-                          duration_s=round(clip.seconds, 3), usage=ticket.usage)
+            words: dict[int, str] = {}
 
-    async def _generate(self, ticket: Ticket, prompts: list[Prompt], samplings: list[Sampling],
-                        billed: list[int]) -> list[str]:
-        """Every window's transcript; `ticket.usage` counts the windows that ran, as they run."""
+            def window_done(i: int, answer: str) -> None:
+                if i < len(parts):
+                    words[i] = clean_transcript(answer)
+                    if on_text is not None:
+                        on_text(i, words[i])
+
+            answers = await self._generate(ticket, prompts, samplings, billed, window_done)
+            segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, words[i]) for i, (a, b) in enumerate(spans))
+            if asking:
+                language = language_from_answer(answers[-1])
+        return Transcript(task=task, text=join_windows([s.text for s in segments]), segments=segments,
+                          language=language, duration_s=round(clip.seconds, 3), usage=ticket.usage)
+
+    async def _generate(self, ticket: Ticket, prompts: list[Prompt], samplings: list[Sampling], billed: list[int],
+                        done: Callable[[int, str], None]) -> list[str]:
+        """Every prompt's answer (`done(i, answer)` as each ends); `ticket.usage` counts the prompts that ran, as
+        they run."""
         ran = [False] * len(prompts)
         output_tokens = [0] * len(prompts)
-        texts = [""] * len(prompts)
+        answers = [""] * len(prompts)
 
         def count(i: int, chunk: GenerationChunk) -> None:
             ran[i], output_tokens[i] = True, chunk.usage.output_tokens
@@ -203,7 +225,8 @@ class TranscriptionService:
             async for chunk in self.engine.generate(prompts[i], samplings[i], request_id=ticket.request_id):
                 count(i, chunk)
                 out.append(chunk.text)
-            texts[i] = clean_transcript("".join(out))
+            answers[i] = "".join(out)
+            done(i, answers[i])
 
         try:
             async with asyncio.TaskGroup() as group:  # one window failing cancels the others
@@ -211,7 +234,7 @@ class TranscriptionService:
                     group.create_task(one(i))
         except BaseExceptionGroup as failed:
             raise first_error(failed) from None
-        return texts
+        return answers
 
 
 def transcription_call(model: str, protocol: str, token: str | None, request_id: str,

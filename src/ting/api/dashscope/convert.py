@@ -76,7 +76,8 @@ def sampling(p: GenerationParameters) -> SamplingParams:
     stop, stop_ids = _stop(p.stop)
     top_k = p.top_k if p.top_k is not None and p.top_k <= 100 else 0
     return SamplingParams(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=top_k if p.top_k is not None else None,
+        max_tokens=max_tokens(p), temperature=p.temperature, top_p=p.top_p,
+        top_k=top_k if p.top_k is not None else None,
         seed=p.seed, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty or 0.0,
         stop=stop, stop_token_ids=stop_ids,
     )
@@ -94,6 +95,9 @@ def _stop(stop: str | list[str] | list[int] | None) -> tuple[tuple[str, ...], tu
     if any(not 0 <= s <= TOKEN_ID_MAX for s in items):  # type: ignore[operator]
         raise InvalidParameter(f"Range of stop token ids should be [0, {TOKEN_ID_MAX}]")
     return (), tuple(items)  # type: ignore[arg-type]
+def max_tokens(p: GenerationParameters) -> int | None:
+    """`max_tokens`, or the Java SDK's `max_length` (its `maxLength`) when only that is given; max_tokens wins."""
+    return p.max_tokens if p.max_tokens is not None else p.max_length
 
 
 def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
@@ -107,15 +111,30 @@ def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, r
     }
 
 
-def stream_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
-    """One stream event's data, key order as the contract's capture (§2.6)."""
+def stream_body(text: str | None, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
+    """One stream event's data, key order as the contract's capture (§2.6). No text (None): `"content": []`, as the
+    hosted API's last event of an incremental stream carries."""
+    content = [] if text is None else [{"text": text}]
     return {
-        "output": {"choices": [{"message": {"role": "assistant", "content": [{"text": text}]},
+        "output": {"choices": [{"message": {"role": "assistant", "content": content},
                                 "finish_reason": finish_reason or "null"}]},
         "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                   "audio_tokens": usage.audio_tokens},
         "request_id": request_id,
     }
+
+
+def stream_frames(delta: str, whole: str, finish_reason: FinishReason | None, usage: Usage, request_id: str,
+                  incremental: bool) -> list[dict[str, Any]]:
+    """The events one generated chunk makes. Incremental: its delta, and at the end a last event with
+    `"content": []` and the finish reason (as the hosted API ends such a stream). Otherwise one event with the
+    whole text so far, the last one carrying the finish reason."""
+    if not incremental:
+        return [stream_body(whole, finish_reason, usage, request_id)]
+    frames = [stream_body(delta, None, usage, request_id)] if delta else []
+    if finish_reason is not None:
+        frames.append(stream_body(None, finish_reason, usage, request_id))
+    return frames
 
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, str]:

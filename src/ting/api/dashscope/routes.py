@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ting.api.auth import bearer
-from ting.api.dashscope.convert import error_body, response_body, stream_body, to_chat_request
+from ting.api.dashscope.convert import error_body, response_body, stream_frames, to_chat_request
 from ting.api.dashscope.schemas import ErrorResponse, GenerationRequest, GenerationResponse
 from ting.api.runtime import runtime_of
 from ting.api.streaming import compact_json, event_stream, retry_after, until_disconnected
@@ -68,9 +68,9 @@ class _Frames:
         self.text += chunk.text
         if not chunk.text and chunk.finish_reason is None:
             return  # a token that completed no character yet
-        data = stream_body(chunk.text if self.incremental else self.text, chunk.finish_reason, chunk.usage,
-                           self.request_id)
-        yield self._frame("result", 200, data)
+        for data in stream_frames(chunk.text, self.text, chunk.finish_reason, chunk.usage, self.request_id,
+                                  self.incremental):
+            yield self._frame("result", 200, data)
 
     def closing(self) -> Iterable[bytes]:
         return ()

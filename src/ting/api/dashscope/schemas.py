@@ -38,6 +38,7 @@ class GenerationParameters(_Open):
     top_k: int | None = Field(None, description=">= 0; 0, null or > 100 disables it")
     seed: int | None = Field(None, description="[0, 2^31 - 1]")
     max_tokens: int | None = Field(None, description="[1, the model's maximum output]")
+    max_length: int | None = Field(None, description="the Java SDK's maxLength: max_tokens when that is absent")
     repetition_penalty: float | None = Field(None, description="> 0, 1.0 is none")
     presence_penalty: float | None = Field(None, description="[-2, 2]")
     stop: str | list[str] | list[int] | None = None

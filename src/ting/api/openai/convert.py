@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from starlette.datastructures import FormData
 
 from ting.api.openai.schemas import ChatCompletionRequest, ContentPart
 from ting.errors import InvalidParameter
 from ting.service import Segment, Transcript
-from ting.service.transcription import LANGUAGES
+from ting.service.language import whisper_name
 from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
 
 MAX_STOP = 4  # as OpenAI
@@ -26,12 +30,12 @@ def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
         role = ROLES.get(m.role)
         if role is None:
             raise InvalidParameter(f"messages[{i}].role {m.role!r} is not supported (system, developer, user, "
-                                   f"assistant).")
+                                   f"assistant).", param=f"messages[{i}].role")
         messages.append(Message(role, _parts(role, m.content, i)))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in messages):
-        raise InvalidParameter("messages must contain at least one user message.")
+        raise InvalidParameter("messages must contain at least one user message.", param="messages")
     if any(m.role == "system" for m in messages[1:]):
-        raise InvalidParameter("A system (or developer) message must come first in messages.")
+        raise InvalidParameter("A system (or developer) message must come first in messages.", param="messages")
     return ChatRequest(model=req.model, messages=tuple(messages), sampling=sampling(req))
 
 
@@ -46,11 +50,13 @@ def _parts(role: str, content: str | list[ContentPart] | None, index: int) -> tu
             parts.append(TextPart(part.text))
         elif part.type in ("input_audio", "audio_url", "audio"):
             if role != "user":
-                raise InvalidParameter(f"messages[{index}]: audio is only accepted in user messages.")
+                raise InvalidParameter(f"messages[{index}]: audio is only accepted in user messages.",
+                                       param=f"messages[{index}].content[{j}]")
             parts.append(AudioPart(audio_source(part, f"messages[{index}].content[{j}]")))
         else:
             raise InvalidParameter(f"messages[{index}].content[{j}]: unsupported content part type "
-                                   f"{part.type!r} (this model takes text, input_audio and audio_url).")
+                                   f"{part.type!r} (this model takes text, input_audio and audio_url).",
+                                   param=f"messages[{index}].content[{j}].type")
     return tuple(parts)
 
 
@@ -65,38 +71,38 @@ def audio_source(part: ContentPart, where: str) -> str:
         return f"data:{mime};base64,{data}"
     url = part.audio_url.url if part.audio_url is not None and not isinstance(part.audio_url, str) else part.audio_url
     if not url:
-        raise InvalidParameter(f"{where}: an audio part needs input_audio.data or audio_url.url.")
+        raise InvalidParameter(f"{where}: an audio part needs input_audio.data or audio_url.url.", param=where)
     return url
 
 
 def sampling(req: ChatCompletionRequest) -> SamplingParams:
     if req.n not in (None, 1):
-        raise InvalidParameter("n must be 1: this server returns one choice.")
+        raise InvalidParameter("n must be 1: this server returns one choice.", param="n")
     if req.temperature is not None and not 0 <= req.temperature <= 2:
-        raise InvalidParameter("temperature must be between 0 and 2.")
+        raise InvalidParameter("temperature must be between 0 and 2.", param="temperature")
     if req.top_p is not None and not 0 <= req.top_p <= 1:
-        raise InvalidParameter("top_p must be between 0 and 1.")
+        raise InvalidParameter("top_p must be between 0 and 1.", param="top_p")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
         if value is not None and not -2 <= value <= 2:
-            raise InvalidParameter(f"{name} must be between -2 and 2.")
+            raise InvalidParameter(f"{name} must be between -2 and 2.", param=name)
     if req.repetition_penalty is not None and not 0 < req.repetition_penalty < math.inf:
-        raise InvalidParameter("repetition_penalty must be greater than 0.")
+        raise InvalidParameter("repetition_penalty must be greater than 0.", param="repetition_penalty")
     if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
-        raise InvalidParameter(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}.")
+        raise InvalidParameter(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}.", param="seed")
     if req.top_k is not None and req.top_k < 0:
-        raise InvalidParameter("top_k must be 0 (off) or more.")
+        raise InvalidParameter("top_k must be 0 (off) or more.", param="top_k")
     if req.logprobs:
-        raise InvalidParameter("logprobs is not supported.")
+        raise InvalidParameter("logprobs is not supported.", param="logprobs")
     if req.tools:
-        raise InvalidParameter("tools are not supported by this model.")
+        raise InvalidParameter("tools are not supported by this model.", param="tools")
     if req.modalities and set(req.modalities) - {"text"}:
-        raise InvalidParameter("Only text output is supported (modalities: [\"text\"]).")
+        raise InvalidParameter("Only text output is supported (modalities: [\"text\"]).", param="modalities")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP:
-        raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.")
+        raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.", param="stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise InvalidParameter(f"Each stop sequence takes at most {MAX_STOP_CHARS} characters.")
+        raise InvalidParameter(f"Each stop sequence takes at most {MAX_STOP_CHARS} characters.", param="stop")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     temperature = req.temperature
     top_p = req.top_p
@@ -163,15 +169,115 @@ def vtt(segments: tuple[Segment, ...]) -> str:
 
 
 def verbose_body(t: Transcript) -> dict[str, Any]:
-    language = LANGUAGES.get(t.language or "", t.language or "unknown").lower()
     segments = [{"id": i, "seek": int(s.start_s * 100), "start": round(s.start_s, 3), "end": round(s.end_s, 3),
                  "text": s.text, "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0,
                  "no_speech_prob": 0.0} for i, s in enumerate(t.segments)]
-    return {"task": t.task, "language": language, "duration": t.duration_s, "text": t.text, "segments": segments,
-            "usage": transcription_usage(t.usage)}
+    return {"task": t.task, "language": whisper_name(t.language), "duration": t.duration_s, "text": t.text,
+            "segments": segments, "usage": duration_usage(t.duration_s)}
+
+
+def json_body(t: Transcript, model: str) -> dict[str, Any]:
+    """`json`: whisper-1 reports the audio's duration as its usage (what it bills), the others tokens."""
+    usage = duration_usage(t.duration_s) if model == "whisper-1" else transcription_usage(t.usage)
+    return {"text": t.text, "usage": usage}
+
+
+def duration_usage(duration_s: float) -> dict[str, Any]:
+    """OpenAI's usage for audio billed by duration: whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(duration_s)}
 
 
 def transcription_usage(u: Usage) -> dict[str, Any]:
     return {"type": "tokens", "input_tokens": u.input_tokens + u.audio_tokens,
             "input_token_details": {"audio_tokens": u.audio_tokens, "text_tokens": u.input_tokens},
             "output_tokens": u.output_tokens, "total_tokens": u.total_tokens}
+
+
+def delta_event(delta: str) -> dict[str, Any]:
+    return {"type": "transcript.text.delta", "delta": delta}
+
+
+def done_event(t: Transcript) -> dict[str, Any]:
+    return {"type": "transcript.text.done", "text": t.text, "usage": transcription_usage(t.usage)}
+
+
+# --- the transcription form ---------------------------------------------------------------------------------------
+
+FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+STREAM_FORMATS = ("json", "text")
+# OpenAI's transcription model names: accepted on the transcription endpoints as names of the served model.
+TRANSCRIPTION_MODELS = ("whisper-1", "gpt-transcribe", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
+                        "gpt-4o-mini-transcribe-2025-03-20", "gpt-4o-mini-transcribe-2025-12-15",
+                        "gpt-4o-transcribe-diarize")
+GRANULARITIES = ("segment", "word")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class AudioForm:
+    """A Whisper-style form, checked (the file itself is read by the route)."""
+
+    model: str  # as named by the client
+    response_format: str
+    stream: bool
+    language: str | None  # transcriptions only: translations detect the source language
+    prompt: str | None
+    temperature: float | None
+    target: str  # translations: the language to translate into (an extension; "en" as Whisper)
+
+
+def audio_form(form: FormData, task: str) -> AudioForm:
+    model = _field(form, "model")
+    if not model:
+        raise InvalidParameter("model is required.", param="model")
+    response_format = _field(form, "response_format") or "json"
+    if response_format not in FORMATS:
+        raise InvalidParameter(f"response_format must be one of {', '.join(FORMATS)}.", param="response_format")
+    stream = _flag(form, "stream")
+    if stream and response_format not in STREAM_FORMATS:
+        raise InvalidParameter(f"stream is only available with response_format {' or '.join(STREAM_FORMATS)}.",
+                               param="stream")
+    _check_granularities([*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")])
+    translating = task == "translate"
+    return AudioForm(model=model, response_format=response_format, stream=stream,
+                     language=None if translating else _field(form, "language") or None,
+                     prompt=_field(form, "prompt") or None, temperature=_number(form, "temperature"),
+                     target=(_field(form, "target_language") or "en") if translating else "en")
+
+
+def served_model(name: str, own: str) -> str:
+    """The model a transcription request runs on: OpenAI's transcription names mean the checkpoint's own."""
+    return own if name in TRANSCRIPTION_MODELS else name
+
+
+def _field(form: FormData, name: str) -> str:
+    return str(form.get(name) or "").strip()
+
+
+def _flag(form: FormData, name: str) -> bool:
+    value = _field(form, name).lower()
+    if value not in _TRUE + _FALSE:
+        raise InvalidParameter(f"{name} must be true or false.", param=name)
+    return value in _TRUE
+
+
+def _number(form: FormData, name: str) -> float | None:
+    value = _field(form, name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number.", param=name) from None
+
+
+def _check_granularities(values: Sequence[Any]) -> None:
+    for value in (str(v) for v in values):
+        if value not in GRANULARITIES:
+            raise InvalidParameter(f"timestamp_granularities takes segment (and word), not {value!r}.",
+                                   param="timestamp_granularities")
+        if value == "word":
+            raise InvalidParameter(
+                "Word timestamps are not available: Qwen2-Audio does not time its words. Segment timestamps are "
+                "(timestamp_granularities=[\"segment\"] with response_format=verbose_json).",
+                param="timestamp_granularities")
