@@ -339,6 +339,15 @@ def test_word_timestamps_are_refused_and_segments_given(client: OpenAI, corpus) 
     assert t.segments and t.words is None
 
 
+def test_transcription_form_values_are_checked_at_the_wire(client: OpenAI, corpus) -> None:  # type: ignore[no-untyped-def]
+    data = corpus["wav_pcm_s16_en"].path.read_bytes()
+    for extra, param, message in (({"language": "english!"}, "language", "ISO-639"),
+                                  ({"temperature": 1.5}, "temperature", "between 0 and 1")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data), **extra)
+        assert e.value.param == param and message in e.value.message
+
+
 def test_verbose_json_usage_is_duration_and_language_is_detected(client: OpenAI, server: LiveServer,
                                                                   corpus) -> None:  # type: ignore[no-untyped-def]
     data = corpus["wav_pcm_s16_zh"].path.read_bytes()

@@ -20,7 +20,7 @@ import numpy as np
 
 from ting.audio import AudioLoader, billed_audio_tokens
 from ting.engine import Engine, Prompt, Sampling
-from ting.errors import AudioError, InvalidParameter
+from ting.errors import AudioError
 from ting.service.chat import Models, first_error
 from ting.service.language import ANSWER_SAMPLING, language_from_answer, question
 from ting.service.lifecycle import Call, Lifecycle, Report, Ticket
@@ -165,10 +165,6 @@ class TranscriptionService:
         ticket = await self.lifecycle.admit(call, task=task)
         async with ticket:
             limits = self.models.get(call.request.model)
-            if temperature is not None and not 0.0 <= temperature <= 1.0:
-                raise InvalidParameter("temperature must be between 0 and 1.")
-            if language is not None and not re.fullmatch(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?", language):
-                raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.")
             clip = await self.audio.decode(data, max_seconds=self.max_seconds, refuse_longer=True)
             if clip.truncated:
                 raise AudioError(f"The input audio is longer than {self.max_seconds:g}s.")

@@ -210,6 +210,7 @@ TRANSCRIPTION_MODELS = ("whisper-1", "gpt-transcribe", "gpt-4o-transcribe", "gpt
                         "gpt-4o-mini-transcribe-2025-03-20", "gpt-4o-mini-transcribe-2025-12-15",
                         "gpt-4o-transcribe-diarize")
 GRANULARITIES = ("segment", "word")
+_LANGUAGE = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
@@ -239,9 +240,14 @@ def audio_form(form: FormData, task: str) -> AudioForm:
                                param="stream")
     _check_granularities([*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")])
     translating = task == "translate"
-    return AudioForm(model=model, response_format=response_format, stream=stream,
-                     language=None if translating else _field(form, "language") or None,
-                     prompt=_field(form, "prompt") or None, temperature=_number(form, "temperature"),
+    language = None if translating else _field(form, "language") or None
+    if language is not None and not _LANGUAGE.fullmatch(language):
+        raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.", param="language")
+    temperature = _number(form, "temperature")
+    if temperature is not None and not 0.0 <= temperature <= 1.0:
+        raise InvalidParameter("temperature must be between 0 and 1.", param="temperature")
+    return AudioForm(model=model, response_format=response_format, stream=stream, language=language,
+                     prompt=_field(form, "prompt") or None, temperature=temperature,
                      target=(_field(form, "target_language") or "en") if translating else "en")
 
 
