@@ -5,7 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ting.api.dashscope.schemas import GenerationParameters, GenerationRequest
+from ting.api.dashscope.schemas import (
+    Choice,
+    GenerationParameters,
+    GenerationRequest,
+    GenerationResponse,
+    GenerationUsage,
+    Output,
+    OutputMessage,
+    StreamChoice,
+    StreamEvent,
+    StreamOutput,
+    StreamUsage,
+    TextContent,
+)
 from ting.errors import InvalidParameter
 from ting.types import AudioPart, ChatRequest, FinishReason, Message, Part, SamplingParams, TextPart, Usage
 
@@ -102,26 +115,24 @@ def max_tokens(p: GenerationParameters) -> int | None:
 
 def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
     """The non-stream body, key order as the hosted API's own example (contract §2.5)."""
-    return {
-        "output": {"choices": [{"finish_reason": finish_reason or "stop",
-                                "message": {"role": "assistant", "content": [{"text": text}]}}]},
-        "usage": {"audio_tokens": usage.audio_tokens, "output_tokens": usage.output_tokens,
-                  "input_tokens": usage.input_tokens},
-        "request_id": request_id,
-    }
+    return GenerationResponse(
+        output=Output(choices=[Choice(finish_reason=finish_reason or "stop",
+                                      message=OutputMessage(content=[TextContent(text=text)]))]),
+        usage=GenerationUsage(audio_tokens=usage.audio_tokens, output_tokens=usage.output_tokens,
+                              input_tokens=usage.input_tokens),
+        request_id=request_id).model_dump()
 
 
 def stream_body(text: str | None, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
     """One stream event's data, key order as the contract's capture (§2.6). No text (None): `"content": []`, as the
     hosted API's last event of an incremental stream carries."""
-    content = [] if text is None else [{"text": text}]
-    return {
-        "output": {"choices": [{"message": {"role": "assistant", "content": content},
-                                "finish_reason": finish_reason or "null"}]},
-        "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                  "audio_tokens": usage.audio_tokens},
-        "request_id": request_id,
-    }
+    content = [] if text is None else [TextContent(text=text)]
+    return StreamEvent(
+        output=StreamOutput(choices=[StreamChoice(message=OutputMessage(content=content),
+                                                  finish_reason=finish_reason or "null")]),
+        usage=StreamUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                          audio_tokens=usage.audio_tokens),
+        request_id=request_id).model_dump()
 
 
 def stream_frames(delta: str, whole: str, finish_reason: FinishReason | None, usage: Usage, request_id: str,

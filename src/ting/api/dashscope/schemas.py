@@ -77,8 +77,34 @@ class GenerationUsage(BaseModel):
 
 
 class GenerationResponse(BaseModel):
+    """The non-stream body; fields in the hosted API's order (contract §2.5), which is the order of the bytes."""
+
     output: Output
     usage: GenerationUsage
+    request_id: str
+
+
+# One stream event's data: the same content in the order the contract's capture has it (§2.6).
+
+
+class StreamChoice(BaseModel):
+    message: OutputMessage
+    finish_reason: str  # "null" until the last event
+
+
+class StreamOutput(BaseModel):
+    choices: list[StreamChoice]
+
+
+class StreamUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    audio_tokens: int
+
+
+class StreamEvent(BaseModel):
+    output: StreamOutput
+    usage: StreamUsage
     request_id: str
 
 

@@ -11,7 +11,26 @@ from typing import Any
 
 from starlette.datastructures import FormData
 
-from ting.api.openai.schemas import ChatCompletionRequest, ContentPart
+from ting.api.openai.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionTokensDetails,
+    CompletionUsage,
+    ContentPart,
+    DurationUsage,
+    InputTokenDetails,
+    PromptTokensDetails,
+    ResponseMessage,
+    TokenUsage,
+    Transcription,
+    TranscriptionSegment,
+    TranscriptTextDelta,
+    TranscriptTextDone,
+    VerboseTranscription,
+)
 from ting.errors import InvalidParameter
 from ting.service import Segment, Transcript
 from ting.service.language import whisper_name
@@ -114,36 +133,33 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
                           stop=stop)
 
 
-def usage_body(u: Usage) -> dict[str, Any]:
+def usage_body(u: Usage) -> CompletionUsage:
     """prompt_tokens includes the audio tokens, as DashScope's compatible mode and OpenAI count them."""
-    return {"prompt_tokens": u.input_tokens + u.audio_tokens, "completion_tokens": u.output_tokens,
-            "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"audio_tokens": u.audio_tokens, "text_tokens": u.input_tokens},
-            "completion_tokens_details": {"text_tokens": u.output_tokens}}
+    return CompletionUsage(prompt_tokens=u.input_tokens + u.audio_tokens, completion_tokens=u.output_tokens,
+                           total_tokens=u.total_tokens,
+                           prompt_tokens_details=PromptTokensDetails(audio_tokens=u.audio_tokens,
+                                                                     text_tokens=u.input_tokens),
+                           completion_tokens_details=CompletionTokensDetails(text_tokens=u.output_tokens))
 
 
 def completion_body(request_id: str, model: str, text: str, finish: FinishReason | None,
                     usage: Usage) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish or "stop", "logprobs": None}],
-            "usage": usage_body(usage)}
+    return ChatCompletion(id=f"chatcmpl-{request_id}", created=int(time.time()), model=model,
+                          choices=[Choice(index=0, message=ResponseMessage(content=text),
+                                          finish_reason=finish or "stop")],
+                          usage=usage_body(usage)).model_dump()
 
 
-def chunk_body(request_id: str, model: str, created: int, delta: dict[str, Any], finish: FinishReason | None,
+def chunk_body(request_id: str, model: str, created: int, delta: dict[str, str], finish: FinishReason | None,
                include_usage: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,
-                            "model": model, "system_fingerprint": None,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    if include_usage:
-        body["usage"] = None
-    return body
+    chunk = ChatCompletionChunk(id=f"chatcmpl-{request_id}", created=created, model=model,
+                                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)])
+    return chunk.model_dump(exclude=None if include_usage else {"usage"})
 
 
 def usage_chunk_body(request_id: str, model: str, created: int, usage: Usage) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None, "choices": [], "usage": usage_body(usage)}
+    return ChatCompletionChunk(id=f"chatcmpl-{request_id}", created=created, model=model, choices=[],
+                               usage=usage_body(usage)).model_dump()
 
 
 # --- transcripts ------------------------------------------------------------------------------------------------
@@ -169,36 +185,35 @@ def vtt(segments: tuple[Segment, ...]) -> str:
 
 
 def verbose_body(t: Transcript) -> dict[str, Any]:
-    segments = [{"id": i, "seek": int(s.start_s * 100), "start": round(s.start_s, 3), "end": round(s.end_s, 3),
-                 "text": s.text, "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0,
-                 "no_speech_prob": 0.0} for i, s in enumerate(t.segments)]
-    return {"task": t.task, "language": whisper_name(t.language), "duration": t.duration_s, "text": t.text,
-            "segments": segments, "usage": duration_usage(t.duration_s)}
+    segments = [TranscriptionSegment(id=i, seek=int(s.start_s * 100), start=round(s.start_s, 3),
+                                     end=round(s.end_s, 3), text=s.text) for i, s in enumerate(t.segments)]
+    return VerboseTranscription(task=t.task, language=whisper_name(t.language), duration=t.duration_s, text=t.text,
+                                segments=segments, usage=duration_usage(t.duration_s)).model_dump()
 
 
 def json_body(t: Transcript, model: str) -> dict[str, Any]:
     """`json`: whisper-1 reports the audio's duration as its usage (what it bills), the others tokens."""
     usage = duration_usage(t.duration_s) if model == "whisper-1" else transcription_usage(t.usage)
-    return {"text": t.text, "usage": usage}
+    return Transcription(text=t.text, usage=usage).model_dump()
 
 
-def duration_usage(duration_s: float) -> dict[str, Any]:
+def duration_usage(duration_s: float) -> DurationUsage:
     """OpenAI's usage for audio billed by duration: whole seconds, rounded up."""
-    return {"type": "duration", "seconds": math.ceil(duration_s)}
+    return DurationUsage(seconds=math.ceil(duration_s))
 
 
-def transcription_usage(u: Usage) -> dict[str, Any]:
-    return {"type": "tokens", "input_tokens": u.input_tokens + u.audio_tokens,
-            "input_token_details": {"audio_tokens": u.audio_tokens, "text_tokens": u.input_tokens},
-            "output_tokens": u.output_tokens, "total_tokens": u.total_tokens}
+def transcription_usage(u: Usage) -> TokenUsage:
+    return TokenUsage(input_tokens=u.input_tokens + u.audio_tokens,
+                      input_token_details=InputTokenDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
+                      output_tokens=u.output_tokens, total_tokens=u.total_tokens)
 
 
 def delta_event(delta: str) -> dict[str, Any]:
-    return {"type": "transcript.text.delta", "delta": delta}
+    return TranscriptTextDelta(delta=delta).model_dump()
 
 
 def done_event(t: Transcript) -> dict[str, Any]:
-    return {"type": "transcript.text.done", "text": t.text, "usage": transcription_usage(t.usage)}
+    return TranscriptTextDone(text=t.text, usage=transcription_usage(t.usage)).model_dump()
 
 
 # --- the transcription form ---------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ting.api.openai.schemas import (
     Model,
     ModelList,
     Transcription,
+    VerboseTranscription,
 )
 from ting.api.runtime import runtime_of
 from ting.api.streaming import compact_json, event_stream, until_disconnected, with_heartbeats
@@ -243,6 +244,8 @@ for prefix in PREFIXES:
     router.add_api_route(f"{prefix}/models/{{model_id:path}}", model, methods=["GET"], response_model=Model,
                          responses=ERRORS, summary="One model by name")
     router.add_api_route(f"{prefix}/audio/transcriptions", transcriptions, methods=["POST"], responses=ERRORS,
-                         response_model=Transcription, summary="Transcribe audio (Whisper API)")
+                         response_model=Transcription | VerboseTranscription,
+                         summary="Transcribe audio (Whisper API)")
     router.add_api_route(f"{prefix}/audio/translations", translations, methods=["POST"], responses=ERRORS,
-                         response_model=Transcription, summary="Translate audio into English (Whisper API)")
+                         response_model=Transcription | VerboseTranscription,
+                         summary="Translate audio into English (Whisper API)")

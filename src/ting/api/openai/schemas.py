@@ -101,6 +101,25 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage
 
 
+class ChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed event; `usage` is present (null until the last event) only with stream_options.include_usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -126,8 +145,31 @@ class TranscriptionSegment(BaseModel):
     no_speech_prob: float = 0.0
 
 
+class DurationUsage(BaseModel):
+    """Usage of audio billed by its length (whisper-1, verbose_json)."""
+
+    type: Literal["duration"] = "duration"
+    seconds: int
+
+
+class InputTokenDetails(BaseModel):
+    audio_tokens: int
+    text_tokens: int
+
+
+class TokenUsage(BaseModel):
+    type: Literal["tokens"] = "tokens"
+    input_tokens: int
+    input_token_details: InputTokenDetails
+    output_tokens: int
+    total_tokens: int
+
+
 class Transcription(BaseModel):
+    """`json`; `verbose_json` is a VerboseTranscription, `text`, `srt` and `vtt` are plain text."""
+
     text: str
+    usage: DurationUsage | TokenUsage
 
 
 class VerboseTranscription(BaseModel):
@@ -136,6 +178,18 @@ class VerboseTranscription(BaseModel):
     duration: float
     text: str
     segments: list[TranscriptionSegment]
+    usage: DurationUsage
+
+
+class TranscriptTextDelta(BaseModel):
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+
+
+class TranscriptTextDone(BaseModel):
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    usage: TokenUsage
 
 
 class ErrorDetail(BaseModel):
