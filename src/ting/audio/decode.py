@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,26 +42,19 @@ MAX_CHANNELS = 8
 MIN_RATE_HZ, MAX_RATE_HZ = 1_000, 384_000
 MAX_BAD_PACKETS = 200  # corrupt packets skipped before giving up
 
-# Decoder name -> codec name, for the decoders the allowlist admits.
-_CODECS = {
-    "pcm_u8": "pcm_u8", "pcm_s8": "pcm_s8", "pcm_s16le": "pcm_s16le", "pcm_s16be": "pcm_s16be",
-    "pcm_s24le": "pcm_s24le", "pcm_s24be": "pcm_s24be", "pcm_s32le": "pcm_s32le", "pcm_s32be": "pcm_s32be",
-    "pcm_f32le": "pcm_f32le", "pcm_f32be": "pcm_f32be", "pcm_f64le": "pcm_f64le", "pcm_f64be": "pcm_f64be",
-    "pcm_alaw": "pcm_alaw", "pcm_mulaw": "pcm_mulaw", "adpcm_ima_wav": "adpcm_ima_wav",
-    "adpcm_ms": "adpcm_ms",
-    "gsm_ms": "gsm_ms", "gsm": "gsm", "libgsm_ms": "gsm_ms", "libgsm": "gsm",
-    "mp3": "mp3", "mp3float": "mp3",
-    "aac": "aac", "aac_fixed": "aac", "aac_latm": "aac",
-    "amrnb": "amr_nb", "amr_nb": "amr_nb", "libopencore_amrnb": "amr_nb",
-    "amrwb": "amr_wb", "amr_wb": "amr_wb", "libopencore_amrwb": "amr_wb",
-    "opus": "opus", "libopus": "opus", "vorbis": "vorbis", "libvorbis": "vorbis",
-    "flac": "flac", "alac": "alac",
+# The codecs the allowlist admits, by the name Ting reports; a decoder is named as its codec unless listed below.
+_CODECS = frozenset({
+    "pcm_u8", "pcm_s8", "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le",
+    "pcm_f32be", "pcm_f64le", "pcm_f64be", "pcm_alaw", "pcm_mulaw", "adpcm_ima_wav", "adpcm_ms", "gsm_ms", "gsm",
+    "mp3", "aac", "amr_nb", "amr_wb", "opus", "vorbis", "flac", "alac",
+})
+_DECODER_CODEC = {
+    "libgsm_ms": "gsm_ms", "libgsm": "gsm", "mp3float": "mp3", "aac_fixed": "aac", "aac_latm": "aac",
+    "amrnb": "amr_nb", "libopencore_amrnb": "amr_nb", "amrwb": "amr_wb", "libopencore_amrwb": "amr_wb",
+    "libopus": "opus", "libvorbis": "vorbis",
 }
-# Demuxer (PyAV format name) per sniffed container.
 # Containers whose declared stream duration is exact (not estimated from the bit rate like ADTS or MP3).
 _EXACT_DURATION = {"wav", "mov", "flac", "ogg", "matroska"}
-_DEMUXERS = {"wav": "wav", "amr": "amr", "mp3": "mp3", "aac": "aac", "mov": "mov", "flac": "flac",
-             "ogg": "ogg", "matroska": "matroska"}
 
 
 def sniff(data: bytes) -> str:
@@ -94,17 +86,8 @@ def sniff(data: bytes) -> str:
     raise errors.InvalidAudio()
 
 
-@dataclass(frozen=True)
-class Decoded:
-    samples: np.ndarray  # float32 mono 16 kHz
-    duration_s: float | None
-    truncated: bool
-    container: str
-    codec: str
-
-
 def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS,
-                 refuse_longer: bool = False) -> Decoded:
+                 refuse_longer: bool = False) -> AudioClip:
     """Decode in this process. The server calls this only inside a DecoderPool worker.
 
     `refuse_longer`: audio longer than `max_samples` is an AudioTooLong error (found before decoding where the
@@ -126,7 +109,7 @@ def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets:
 
 def _open(data: bytes, container_name: str) -> Any:
     try:
-        return av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container_name],
+        return av.open(io.BytesIO(data), mode="r", format=container_name,  # the sniffed container is the demuxer's name
                        options={"enable_drefs": "0", "use_absolute_path": "0"})
     except (av.FFmpegError, ValueError, OSError):
         raise errors.InvalidAudio() from None
@@ -181,13 +164,13 @@ def _packets_longer_than(data: bytes, container_name: str, limit_s: float) -> bo
         container.close()
 
 
-def _decode_container(container: Any, container_name: str, max_samples: int, max_packets: int) -> Decoded:
+def _decode_container(container: Any, container_name: str, max_samples: int, max_packets: int) -> AudioClip:
     if not container.streams.audio:
         raise errors.InvalidAudio("The audio format is illegal and cannot be opened: no audio track.")
     stream = container.streams.audio[0]
     decoder = stream.codec_context.name
-    codec = _CODECS.get(decoder)
-    if codec is None:
+    codec = _DECODER_CODEC.get(decoder, decoder)
+    if codec not in _CODECS:
         raise errors.UnsupportedCodec(f"The audio format is not supported: codec {decoder}.")
     resampler: Any = None
     resampler_layout = ""
@@ -251,7 +234,7 @@ def _decode_container(container: Any, container_name: str, max_samples: int, max
     np.clip(samples, -1.0, 1.0, out=samples)
     if len(samples) < MIN_SAMPLES:
         raise errors.AudioTooShort()
-    return Decoded(
+    return AudioClip(
         samples=np.ascontiguousarray(samples, dtype=np.float32),
         duration_s=declared if truncated else len(samples) / SAMPLE_RATE,
         truncated=truncated,
