@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 
 from ting.audio import AudioLoader, Resolver, system_resolver
 from ting.config import Settings
-from ting.engine import Engine
+from ting.engine import EngineClient
 from ting.errors import NotReady
 from ting.service import ChatService, Models, TranscriptionService
 from ting.store import HEARTBEAT_S, Store
@@ -34,8 +35,8 @@ class Runtime:
         self,
         settings: Settings,
         *,
-        engine: Engine | None = None,
-        load_engine: Callable[[], Engine] | None = None,
+        engine: EngineClient | None = None,
+        load_engine: Callable[[], EngineClient] | Callable[[], Awaitable[EngineClient]] | None = None,
         store: Store | None = None,
         resolver: Resolver = system_resolver,
     ) -> None:
@@ -79,20 +80,24 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._load()))
 
     async def _load(self) -> None:
+        """Load the engine: an async loader (the engine process) on the loop, a plain one on a thread."""
         assert self._load_engine is not None
         try:
-            self.engine = await asyncio.to_thread(self._load_engine)
+            if inspect.iscoroutinefunction(self._load_engine):
+                self.engine = await self._load_engine()
+            else:
+                self.engine = await asyncio.to_thread(self._load_engine)  # type: ignore[arg-type]
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             log.error("the model could not be loaded: %s", exc)
             return
-        self.engine.start()
         self._become_ready()
 
     def _become_ready(self) -> None:
         assert self.engine is not None
-        if not self.engine.alive:
-            self.engine.start()
+        start = getattr(self.engine, "start", None)  # an in-process Engine runs once started
+        if not self.engine.alive and start is not None:
+            start()
         self._service = ChatService(self.settings, self.engine, self.audio, self.store, self.models)
         self.state = "ready"
         info = self.engine.describe()
@@ -123,7 +128,11 @@ class Runtime:
         if self._service is not None:
             await self._service.drain()
         if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.stop)
+            aclose = getattr(self.engine, "aclose", None)  # the engine process
+            if aclose is not None:
+                await aclose()
+            else:
+                await asyncio.to_thread(self.engine.stop)  # type: ignore[attr-defined]
         await self.audio.close()
         await self.store.close()
 
