@@ -12,12 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.engine import test_exactness
 from tests.engine.helpers import PROMPTS
-from tests.engine.test_exactness import MAX_NEW, reference, run  # noqa: F401  (the reference fixture)
+from tests.engine.test_exactness import MAX_NEW, run
 from ting.engine.process import EngineOptions, RemoteEngine
 from ting.errors import EngineDown
 from ting.types import SamplingParams
 
+reference = test_exactness.reference  # the fixture: transformers' generate() on the same checkpoint
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.0)
 
 
@@ -48,7 +50,7 @@ async def test_results_come_batched_one_message_per_step(remote) -> None:  # typ
     before = remote.stats.steps
     prompt = await remote.prepare(PROMPTS[0])
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    chunks = [[c async for c in remote.generate(prompt, remote.resolve(params, prompt))] for _ in range(1)][0]
+    chunks = [c async for c in remote.generate(prompt, remote.resolve(params, prompt))]
     assert len(chunks) == MAX_NEW and chunks[-1].usage.output_tokens == MAX_NEW
     assert remote.stats.steps - before == MAX_NEW - 1  # the first token came from the prefill
 

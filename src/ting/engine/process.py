@@ -194,8 +194,11 @@ class RemoteEngine:
         """Load the processor here and the model in a new engine process; raises ModelLoadError if it cannot."""
         from ting.engine import qwen2_audio
 
-        self._inputs = await asyncio.to_thread(qwen2_audio.load_inputs, self.options.path)
-        await self._spawn()
+        inputs = asyncio.ensure_future(asyncio.to_thread(qwen2_audio.load_inputs, self.options.path))
+        try:
+            await self._spawn()  # meanwhile, the processor loads here
+        finally:
+            self._inputs = await inputs
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def aclose(self) -> None:
