@@ -13,8 +13,10 @@ Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loa
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +47,20 @@ class EngineClient(Protocol):
 
     def generate(self, prompt: Prompt, sampling: Sampling, *, request_id: str = "") -> AsyncIterator[GenerationChunk]:
         ...
+
+
+TEST_WRAPPER_ENV = "TING_TEST_BACKEND_WRAPPER"  # tests and benches only: "module:function" applied to the backend
+
+
+def apply_test_wrapper(backend: Backend) -> Backend:
+    """Tests inject faults (a hanging step) and benches switch off end-of-sequence by wrapping the real backend:
+    $TING_TEST_BACKEND_WRAPPER names a function that takes the backend and returns the one to use."""
+    wrapper = os.environ.get(TEST_WRAPPER_ENV)
+    if not wrapper:
+        return backend
+    module, name = wrapper.split(":")
+    wrap: Callable[[Backend], Backend] = getattr(importlib.import_module(module), name)
+    return wrap(backend)
 
 
 def checkpoint_path(model: str, home: Path | None = None) -> str:
@@ -113,7 +129,7 @@ class Engine:
 
         backend = qwen2_audio.load(model, device=device, dtype=dtype, random_weights=random_weights,
                                    max_batch_size=max_batch_size, max_model_len=max_model_len)
-        return cls(backend, max_batch_size=max_batch_size, max_queue=max_queue)
+        return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)
 
     def describe(self) -> dict[str, Any]:
         describe = getattr(self.backend, "describe", None)

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from ting.engine import wire
+from ting.engine import apply_test_wrapper, wire
 from ting.engine.backend import Backend
 from ting.engine.scheduler import Scheduler, Sequence
 from ting.errors import TingError
@@ -37,8 +35,6 @@ from ting.types import GenerationChunk
 log = logging.getLogger("ting.engine")
 
 PARENT_CHECK_MS = 1000
-# Test hook: "module:function" applied to the loaded backend (it returns the backend to use), for injected faults.
-WRAPPER_ENV = "TING_TEST_BACKEND_WRAPPER"
 
 
 class EngineCore:
@@ -123,12 +119,7 @@ def load_backend(config: dict[str, Any]) -> Backend:
                                         random_weights=config["random_weights"],
                                         max_batch_size=config["max_batch_size"],
                                         max_model_len=config["max_model_len"])
-    wrapper = os.environ.get(WRAPPER_ENV)
-    if wrapper:
-        module, name = wrapper.split(":")
-        wrap: Callable[[Backend], Backend] = getattr(importlib.import_module(module), name)
-        backend = wrap(backend)
-    return backend
+    return apply_test_wrapper(backend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import json
 import logging
@@ -192,8 +193,10 @@ class RemoteEngine:
 
     async def open(self) -> None:
         """Load the processor here and the model in a new engine process; raises ModelLoadError if it cannot."""
-        from ting.engine import qwen2_audio
-
+        qwen2_audio = await asyncio.to_thread(importlib.import_module, "ting.engine.qwen2_audio")  # torch: seconds
+        # Here torch only extracts features; with its default thread pool, the server's and the engine's pools
+        # took the same cores and prepare took 2-4 times longer (bench/server.py, added TTFT at C=1).
+        qwen2_audio.limit_threads(1)
         inputs = asyncio.ensure_future(asyncio.to_thread(qwen2_audio.load_inputs, self.options.path))
         try:
             await self._spawn()  # meanwhile, the processor loads here
@@ -228,7 +231,14 @@ class RemoteEngine:
         child = _Child(next(self._generations), self._dir, self.options, loop)
         receiving = asyncio.ensure_future(child.results.recv_multipart(copy=False))
         exiting = asyncio.ensure_future(child.exited.wait())
-        await asyncio.wait([receiving, exiting], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait([receiving, exiting], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the server stops while the model loads): the process goes too
+            receiving.cancel()
+            exiting.cancel()
+            child.kill()
+            child.close()
+            raise
         exiting.cancel()
         if not receiving.done():
             receiving.cancel()

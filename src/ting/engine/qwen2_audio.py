@@ -320,6 +320,11 @@ class Qwen2AudioInputs:
 
 
 
+def limit_threads(threads: int) -> None:
+    """Torch's intra-op threads in this process (the server process runs only the feature extractor)."""
+    torch.set_num_threads(threads)
+
+
 def load_inputs(path: str | Path) -> Qwen2AudioInputs:
     """The processor of a checkpoint directory (no weights are read)."""
     try:
