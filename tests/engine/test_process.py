@@ -113,3 +113,21 @@ async def test_a_hung_engine_is_killed_and_replaced(tiny_dir: Path, tmp_path: Pa
         assert len(await run(engine, PROMPTS[0], GREEDY)) > 0  # the new engine serves
     finally:
         await engine.aclose()
+
+
+async def test_a_slow_reader_of_a_finished_answer_is_no_hang(tiny_dir: Path) -> None:
+    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=2, hang_timeout_s=0.5))
+    await engine.open()
+    try:
+        prompt = await engine.prepare(PROMPTS[1])
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        stream = engine.generate(prompt, engine.resolve(params, prompt))
+        chunks = [await anext(stream)]
+        await wait_for(lambda: engine.stats.running == 0 and engine.stats.generated_tokens >= 6)
+        idle_since = time.monotonic()
+        await wait_for(lambda: time.monotonic() - idle_since > 6 * engine.options.hang_timeout_s)  # the engine
+        # is idle; this stream's last chunks wait for their reader, well past the hang timeout
+        chunks += [c async for c in stream]
+        assert engine.deaths == 0 and engine.alive and chunks[-1].usage.output_tokens == 6
+    finally:
+        await engine.aclose()

@@ -128,6 +128,7 @@ class RemoteEngine:
         self._reader: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._streams: dict[int, asyncio.Queue[GenerationChunk | BaseException]] = {}
+        self._unfinished: set[int] = set()  # requests the engine still works on (not a slow reader's last chunks)
         self._ids = itertools.count(1)
         self._generations = itertools.count(1)
         self._stats = Stats()
@@ -169,9 +170,10 @@ class RemoteEngine:
             raise Overloaded(retry_after_s=1.0)
         seq_id = next(self._ids)
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        if not self._streams:
+        if not self._unfinished:
             self._stats.last_progress = time.monotonic()  # the hang clock starts with the first request in flight
         self._streams[seq_id] = queue
+        self._unfinished.add(seq_id)
         done = False
         try:
             child.send(wire.encode_add(seq_id, request_id, prompt, sampling))
@@ -186,6 +188,7 @@ class RemoteEngine:
                     return
         finally:
             self._streams.pop(seq_id, None)
+            self._unfinished.discard(seq_id)
             if not done and child is self._child and self.alive:
                 child.send([wire.ABORT, wire.pack([seq_id])])
 
@@ -270,11 +273,14 @@ class RemoteEngine:
             s.last_progress = time.monotonic()
             for raw in chunks:
                 seq_id, chunk = wire.decode_chunk(raw)
+                if chunk.finish_reason is not None:
+                    self._unfinished.discard(seq_id)
                 queue = self._streams.get(seq_id)
                 if queue is not None:
                     queue.put_nowait(chunk)
             for raw in errors:
                 seq_id, error = wire.decode_error(raw)
+                self._unfinished.discard(seq_id)
                 queue = self._streams.get(seq_id)
                 if queue is not None:
                     queue.put_nowait(error)
@@ -307,7 +313,7 @@ class RemoteEngine:
             if child.exited.is_set():
                 return child.describe_exit()
             silent_s = time.monotonic() - self._stats.last_progress
-            if self._streams and silent_s > self.options.hang_timeout_s:
+            if self._unfinished and silent_s > self.options.hang_timeout_s:
                 child.kill()
                 await child.exited.wait()
                 return f"made no progress for {silent_s:.0f} s with requests in flight (hung): killed it"
@@ -338,6 +344,7 @@ class RemoteEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
+        self._unfinished.clear()
         for queue in streams.values():
             queue.put_nowait(error)
         self._stats.running = self._stats.waiting = 0
