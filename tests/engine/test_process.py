@@ -66,10 +66,11 @@ async def test_a_closed_stream_is_aborted_in_the_engine_process(remote) -> None:
 
 
 async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serves(tiny_dir: Path) -> None:
-    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=8, first_backoff_s=0.2))
+    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=8, first_backoff_s=2.0))
     await engine.open()
     try:
         first_pid = engine.pid
+        later = await engine.prepare(PROMPTS[0])
         params = SamplingParams(temperature=0.0, max_tokens=5000, ignore_eos=True)
         seen: list[int] = []
 
@@ -87,6 +88,9 @@ async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serv
         os.kill(first_pid, signal.SIGKILL)
         errors = await asyncio.gather(*tasks)
         assert all(isinstance(e, EngineDown) and e.status == 503 for e in errors)
+        with pytest.raises(EngineDown) as refused:  # until a new engine is up, a request is refused at once
+            await anext(engine.generate(later, engine.resolve(GREEDY, later)))
+        assert refused.value.retry_after_s and not engine.alive
         await wait_for(lambda: engine.alive)
         assert engine.pid != first_pid and engine.restarts == 1 and not psutil.pid_exists(first_pid)
         assert len(await run(engine, PROMPTS[0], GREEDY)) > 0
