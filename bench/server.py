@@ -202,7 +202,7 @@ class Server:
 
 
 async def warm_up_http(url: str, reqs: list[Any]) -> None:
-    await run_http(url, "warm-up", reqs, 1, 1, 4, stream=True)
+    await run_http(url, "warm-up", reqs, 2, 1, 4, stream=True)
 
 
 def main() -> None:
@@ -228,7 +228,7 @@ def main() -> None:
     backend = qwen2_audio.load(str(path), random_weights=dummy, max_batch_size=slots)
     engine = Engine(backend, max_batch_size=slots, max_queue=10_000)
     engine.start()
-    asyncio.run(run_in_process(engine, reqs, 1, 1, 4))  # warm-up
+    asyncio.run(run_in_process(engine, reqs, 2, 1, 4))  # warm-up: a prefill and batched steps
     for c in levels:
         results["in-process", c] = r = asyncio.run(run_in_process(engine, reqs, c, args.per_client, args.max_tokens))
         print(f"in-process C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
