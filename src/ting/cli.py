@@ -80,6 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"model. Create a key (ting keys create) or pass --api-key KEY, or --allow-no-auth to accept that.",
               file=sys.stderr)
         return 2
+    if settings.load_format not in ("auto", "dummy"):
+        print(f"ting: unknown --load-format {settings.load_format!r}: use auto (the checkpoint's weights) or dummy "
+              f"(random weights).", file=sys.stderr)
+        return 2
     if settings.model != "tiny":
         from ting.engine.qwen2_audio import resolve_checkpoint
         from ting.errors import ModelLoadError

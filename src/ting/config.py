@@ -41,6 +41,14 @@ class Settings:
     max_batch_size: int = _opt(16, "Most requests decoded together in one step (KV-cache slots).")
     max_queue: int = _opt(256, "Most requests waiting for a slot; past it requests get 503.")
     max_model_len: int = _opt(8192, "Most tokens (prompt + output) one request may hold.")
+    load_format: str = _opt("auto", "auto: the checkpoint's weights; dummy: random weights of the checkpoint's "
+                            "shapes (benchmarks; e.g. a `ting tiny-model --preset real-width` directory).")
+    engine_process: bool = _opt(True, "Run the model in a process of its own, restarted if it dies or hangs "
+                                "(--no-engine-process: on a thread of the server process, for debugging).")
+    engine_hang_timeout_s: float = _opt(120.0, "Seconds without a decoding step, while requests are in flight, "
+                                        "after which the engine process counts as hung and is restarted.")
+    engine_max_backoff_s: float = _opt(30.0, "Longest wait before restarting an engine process that keeps dying "
+                                       "(the wait doubles from 0.5 s with each death in a row).")
     # --- HTTP
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8000, "Port to listen on.")

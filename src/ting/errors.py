@@ -31,6 +31,7 @@ Errors are raised, never returned. Each class knows its HTTP status and its Dash
   + NotReady                   503 ModelUnavailable (model still loading, or shutting down)
   + ShuttingDown               503 ServiceUnavailable (cut at the end of the drain)
   + EngineError                500 InternalError (the model failed; never the caller's fault)
+    - EngineDown               503 ModelUnavailable (the engine process died or hung; it is being restarted)
   + ModelLoadError             start-up: the checkpoint could not be found or loaded
 """
 
@@ -290,6 +291,15 @@ class EngineError(TingError):
     status = 500
     code = "InternalError"
     openai_code = "internal_error"
+
+
+class EngineDown(EngineError):
+    """The engine process died or hung: everything in flight ends; a new one is being started."""
+
+    status = 503
+    code = "ModelUnavailable"
+    default_message = "The model stopped unexpectedly and is being restarted, please try again later."
+    openai_code = "model_unavailable"
 
 
 class ModelLoadError(TingError):

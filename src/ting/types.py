@@ -16,6 +16,14 @@ WINDOW_S = 30.0  # seconds: the model hears at most this much of each clip
 WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)  # 480_000 samples
 MIN_SAMPLES = 400  # shortest clip accepted: 25 ms at 16 kHz (the model yields 0 tokens at 320 samples or fewer)
 
+
+def audio_tokens_for_frames(frames: int) -> int:
+    """Qwen2-Audio's audio tokens for a clip of `frames` mel frames: its encoder halves the length twice (a stride-2
+    convolution, then average pooling). The one copy of the rule; tests hold it to transformers' own."""
+    if frames <= 0:
+        return 0
+    return max(((frames - 1) // 2 + 1 - 2) // 2 + 1, 0)
+
 # Bounds both wire protocols apply to a chat request while validating it, before anything else: far beyond any prompt
 # the model can take (6,144 tokens for the hosted names), so no real user meets them, and absurd bodies (a 30 MiB
 # text, a million messages) are refused for the cost of parsing them. The service's cheap estimate comes next.

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoProcessor
 
 from ting.audio.tokens import audio_tokens, billed_audio_tokens
+from ting.types import audio_tokens_for_frames
 
 LENGTHS = [1, 159, 160, 161, 319, 320, 399, 400, 401, 479, 480, 481, 640, 800, 1599, 1600, 8000, 15999, 16000, 16001,
            24000, 47999, 48000, 160000, 478399, 478400, 479999, 480000, 480001, 496000, 720000, 960000]
@@ -35,3 +36,12 @@ def test_25_per_second_750_per_window_and_a_billed_minimum_of_25() -> None:
     assert audio_tokens(0) == 0 and audio_tokens(320) == 0 and audio_tokens(321) == 1 and audio_tokens(400) == 1
     assert billed_audio_tokens(400) == 25 and billed_audio_tokens(8000) == 25 and billed_audio_tokens(16000) == 25
     assert billed_audio_tokens(48000) == 75 and billed_audio_tokens(10**7) == 750
+
+
+def test_the_frame_rule_is_the_encoders_own() -> None:
+    import torch
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+
+    frames = torch.arange(1, 3001)
+    _, tokens = Qwen2AudioEncoder._get_feat_extract_output_lengths(None, frames)  # type: ignore[arg-type]
+    assert [audio_tokens_for_frames(int(f)) for f in frames] == tokens.tolist()

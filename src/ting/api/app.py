@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +22,8 @@ from ting.api import dashscope, health, openai
 from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.config import Settings
-from ting.engine import Engine
+from ting.engine import Engine, EngineClient, checkpoint_path
+from ting.engine.process import EngineOptions, RemoteEngine
 from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
 from ting.service import ClientGone
 
@@ -83,14 +86,33 @@ def _mount_playground(app: FastAPI) -> None:
         return RedirectResponse("/playground/")
 
 
+async def load_engine(settings: Settings) -> EngineClient:
+    """The engine `ting serve` runs: in a process of its own, or (--no-engine-process) on a thread of this one."""
+    dummy = settings.load_format == "dummy"
+    if not settings.engine_process:
+        engine = await asyncio.to_thread(
+            Engine.load, settings.model, device=settings.device, dtype=settings.dtype, random_weights=dummy,
+            max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len, home=settings.home_path)
+        engine.start()
+        return engine
+    path = await asyncio.to_thread(checkpoint_path, settings.model, settings.home_path)
+    remote = RemoteEngine(EngineOptions(
+        path=path, device=settings.device, dtype=settings.dtype, random_weights=dummy,
+        max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, max_model_len=settings.max_model_len,
+        hang_timeout_s=settings.engine_hang_timeout_s, max_backoff_s=settings.engine_max_backoff_s,
+        log_level=settings.log_level))
+    try:
+        await remote.open()
+    except BaseException:
+        await remote.aclose()
+        raise
+    return remote
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     if runtime is None:
-        def load() -> Engine:
-            return Engine.load(settings.model, device=settings.device, dtype=settings.dtype,
-                               max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                               max_model_len=settings.max_model_len, home=settings.home_path)
-
-        runtime = Runtime(settings, load_engine=load)
+        runtime = Runtime(settings, load_engine=functools.partial(load_engine, settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

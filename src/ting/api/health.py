@@ -1,4 +1,5 @@
-"""Liveness and readiness. /health is 200 once the model is loaded and serving, 503 before (and after)."""
+"""Liveness and readiness. /health is 200 once the model is loaded and serving, 503 before (and after, and
+while a dead engine process is being replaced)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ router = APIRouter(tags=["Health"])
 
 def _status(request: Request) -> tuple[int, dict[str, Any]]:
     runtime = runtime_of(request)
-    body: dict[str, Any] = {"status": "ok" if runtime.ready else runtime.state, "model": runtime.settings.model}
+    engine = runtime.engine
+    status = "ok" if runtime.ready else runtime.state
+    if runtime.state == "ready" and not runtime.ready:
+        status = "engine down"  # the engine process died or hung; a new one is being started
+    body: dict[str, Any] = {"status": status, "model": runtime.settings.model}
     if runtime.state == "failed":
         body["error"] = runtime.error
-    if runtime.engine is not None:
-        info = runtime.engine.describe()
-        stats = runtime.engine.stats
+    if engine is not None:
+        info = engine.describe()
+        stats = engine.stats
         body.update(device=info.get("device"), dtype=info.get("dtype"), running=stats.running, waiting=stats.waiting)
+        restarts = getattr(engine, "restarts", None)  # the engine process
+        if restarts is not None:
+            body.update(engine_pid=getattr(engine, "pid", None), engine_restarts=restarts)
     return (200 if runtime.ready else 503), body
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -28,7 +29,7 @@ from ting.audio import (
     system_resolver,
 )
 from ting.config import Settings
-from ting.engine import Engine
+from ting.engine import EngineClient
 from ting.errors import NotReady
 from ting.service import ChatService, Lifecycle, Models, TranscriptionService
 from ting.store import HEARTBEAT_S, Store
@@ -44,8 +45,8 @@ class Runtime:
         self,
         settings: Settings,
         *,
-        engine: Engine | None = None,
-        load_engine: Callable[[], Engine] | None = None,
+        engine: EngineClient | None = None,
+        load_engine: Callable[[], EngineClient] | Callable[[], Awaitable[EngineClient]] | None = None,
         store: Store | None = None,
         resolver: Resolver = system_resolver,
     ) -> None:
@@ -95,20 +96,24 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._load()))
 
     async def _load(self) -> None:
+        """Load the engine: an async loader (the engine process) on the loop, a plain one on a thread."""
         assert self._load_engine is not None
         try:
-            self.engine = await asyncio.to_thread(self._load_engine)
+            if inspect.iscoroutinefunction(self._load_engine):
+                self.engine = await self._load_engine()
+            else:
+                self.engine = await asyncio.to_thread(self._load_engine)  # type: ignore[arg-type]
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             log.error("the model could not be loaded: %s", exc)
             return
-        self.engine.start()
         self._become_ready()
 
     def _become_ready(self) -> None:
         assert self.engine is not None
-        if not self.engine.alive:
-            self.engine.start()
+        start = getattr(self.engine, "start", None)  # an in-process Engine runs once started
+        if not self.engine.alive and start is not None:
+            start()
         self._service = ChatService(self.lifecycle, self.engine, self.audio, self.models,
                                     max_audio_items=self.settings.max_audio_items)
         self._transcription = TranscriptionService(self.lifecycle, self.engine, self.audio, self.models,
@@ -147,10 +152,19 @@ class Runtime:
         self.drain_clean = False
         log.warning("the drain took over %g s: cutting the %d requests still in flight", timeout_s,
                     len(self.lifecycle.open))
-        if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.stop)  # each request in it ends with ShuttingDown
+        await self._stop_engine()  # each request in it ends with ShuttingDown
         if not await self.lifecycle.wait_idle(CUT_SETTLE_S):
             log.error("%d requests were not settled after the cut", len(self.lifecycle.open))
+
+    async def _stop_engine(self) -> None:
+        """Stop an engine this runtime started (again: a no-op); requests still in it end with ShuttingDown."""
+        if self.engine is None or not self._owns_engine:
+            return
+        aclose = getattr(self.engine, "aclose", None)  # the engine process
+        if aclose is not None:
+            await aclose()
+        else:
+            await asyncio.to_thread(self.engine.stop)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         if self._draining is not None:
@@ -163,8 +177,7 @@ class Runtime:
             with contextlib.suppress(BaseException):
                 await task
         await self.lifecycle.drain()
-        if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.stop)
+        await self._stop_engine()
         await self.audio.close()
         await self.store.close()
 

@@ -8,7 +8,7 @@ per clip.
 
 from __future__ import annotations
 
-from ting.types import WINDOW_SAMPLES
+from ting.types import WINDOW_SAMPLES, audio_tokens_for_frames
 
 HOP_SAMPLES = 160  # samples per mel frame (10 ms at 16 kHz)
 MAX_FRAMES = WINDOW_SAMPLES // HOP_SAMPLES  # 3000 mel frames in the 30 s window
@@ -19,9 +19,7 @@ def audio_tokens(num_samples: int) -> int:
     """Audio tokens Qwen2-Audio's processor yields for a clip of `num_samples` at 16 kHz."""
     if num_samples <= 0:
         return 0
-    frames = min(-(-num_samples // HOP_SAMPLES), MAX_FRAMES)  # ceil, then the 30 s window
-    after_conv = (frames - 1) // 2 + 1
-    return max((after_conv - 2) // 2 + 1, 0)
+    return audio_tokens_for_frames(min(-(-num_samples // HOP_SAMPLES), MAX_FRAMES))  # ceil, then the 30 s window
 
 
 def billed_audio_tokens(num_samples: int) -> int:

@@ -1,26 +1,33 @@
 """The model: a Prompt and sampling parameters in, a stream of GenerationChunk out.
 
-`Engine` owns a Backend (the model, on the engine's own thread) and a Scheduler (continuous batching).
+Two engines offer the same `EngineClient` interface to the service layer:
+
+* `RemoteEngine` (ting.engine.process, what `ting serve` runs): the model and the scheduler in a process of
+  their own (ting.engine.core), restarted if it dies or hangs; the server process keeps the prompt preparation;
+* `Engine`: a Backend (the model, on the engine's own thread) and a Scheduler (continuous batching) inside the
+  calling process (tests, benchmarks, `--no-engine-process`).
+
 Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loaded on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
 import os
 import secrets
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ting.engine.backend import Backend, Prompt, Sampling
+from ting.engine.backend import Backend, Defaults, Prompt, Sampling
 from ting.engine.scheduler import Scheduler, Stats
 from ting.errors import InputTooLong, InvalidParameter
 from ting.types import GenerationChunk, Message, SamplingParams
 
-__all__ = ["Engine", "Prompt", "Sampling", "Stats"]
+__all__ = ["Engine", "EngineClient", "Prompt", "Sampling", "Stats", "checkpoint_path", "resolve_sampling"]
 
 TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
 # Tokenizing and feature extraction run on threads of their own: never on the event loop's default executor, where
@@ -38,6 +45,80 @@ async def on_prepare_threads(prepare: Callable[[Sequence[Message]], Prompt], mes
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes (a negative seed is taken modulo 2^64)
+
+
+class EngineClient(Protocol):
+    """What the service layer uses of an engine, in-process or in its own process."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    async def prepare(self, messages: Sequence[Message]) -> Prompt: ...
+
+    def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling: ...
+
+    def generate(self, prompt: Prompt, sampling: Sampling, *, request_id: str = "") -> AsyncGenerator[GenerationChunk]:
+        ...
+
+
+TEST_WRAPPER_ENV = "TING_TEST_BACKEND_WRAPPER"  # tests and benches only: "module:function" applied to the backend
+
+
+def apply_test_wrapper(backend: Backend) -> Backend:
+    """Tests inject faults (a hanging step) and benches switch off end-of-sequence by wrapping the real backend:
+    $TING_TEST_BACKEND_WRAPPER names a function that takes the backend and returns the one to use."""
+    wrapper = os.environ.get(TEST_WRAPPER_ENV)
+    if not wrapper:
+        return backend
+    module, name = wrapper.split(":")
+    wrap: Callable[[Backend], Backend] = getattr(importlib.import_module(module), name)
+    return wrap(backend)
+
+
+def checkpoint_path(model: str, home: Path | None = None) -> str:
+    """`model` as given, or for 'tiny' the offline test checkpoint under `home` (built on first use)."""
+    if model != TINY:
+        return model
+    from ting.engine import tiny
+
+    target = (home or Path.cwd()) / "models" / "tiny"
+    if not (target / "config.json").exists():
+        tiny.build(target)
+    return str(target)
+
+
+def resolve_sampling(params: SamplingParams, prompt: Prompt, defaults: Defaults, max_model_len: int) -> Sampling:
+    """Fill unset parameters from the checkpoint's generation config and check them."""
+    d = defaults
+    room = max_model_len - len(prompt.token_ids)
+    if room <= 0:
+        raise InputTooLong(f"Range of input length should be [1, {max_model_len - 1}]")
+    max_tokens = params.max_tokens if params.max_tokens is not None else room
+    if max_tokens < 1:
+        raise InvalidParameter("max_tokens must be at least 1.")
+    sampling = Sampling(
+        max_tokens=min(max_tokens, room),
+        temperature=d.temperature if params.temperature is None else params.temperature,
+        top_p=d.top_p if params.top_p is None else params.top_p,
+        top_k=d.top_k if params.top_k is None else params.top_k,
+        repetition_penalty=d.repetition_penalty if params.repetition_penalty is None else params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        seed=secrets.randbelow(2**31) if params.seed is None else params.seed,
+        stop=tuple(params.stop),
+        stop_token_ids=frozenset(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+    )
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
+            or sampling.repetition_penalty <= 0:
+        raise InvalidParameter()
+    check_sampling(sampling)
+    return sampling
 
 
 class Engine:
@@ -61,18 +142,12 @@ class Engine:
         home: Path | None = None,
     ) -> Engine:
         """Load a checkpoint directory or hub id ('tiny': build the offline test checkpoint under `home`)."""
-        if model == TINY:
-            from ting.engine import tiny
-
-            target = (home or Path.cwd()) / "models" / "tiny"
-            if not (target / "config.json").exists():
-                tiny.build(target)
-            model = str(target)
+        model = checkpoint_path(model, home)
         from ting.engine import qwen2_audio
 
         backend = qwen2_audio.load(model, device=device, dtype=dtype, random_weights=random_weights,
                                    max_batch_size=max_batch_size, max_model_len=max_model_len)
-        return cls(backend, max_batch_size=max_batch_size, max_queue=max_queue)
+        return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)
 
     def describe(self) -> dict[str, Any]:
         describe = getattr(self.backend, "describe", None)
@@ -98,41 +173,18 @@ class Engine:
 
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling:
         """Fill unset parameters from the checkpoint's generation config and check them."""
-        d = self.backend.defaults
-        limit = self.backend.max_model_len
-        room = limit - len(prompt.token_ids)
-        if room <= 0:
-            raise InputTooLong(f"Range of input length should be [1, {limit - 1}]")
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens < 1:
-            raise InvalidParameter("max_tokens must be at least 1.")
-        sampling = Sampling(
-            max_tokens=min(max_tokens, room),
-            temperature=d.temperature if params.temperature is None else params.temperature,
-            top_p=d.top_p if params.top_p is None else params.top_p,
-            top_k=d.top_k if params.top_k is None else params.top_k,
-            repetition_penalty=d.repetition_penalty if params.repetition_penalty is None else params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            seed=secrets.randbelow(2**31) if params.seed is None else params.seed,
-            stop=tuple(params.stop),
-            stop_token_ids=frozenset(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-        )
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
-                or sampling.repetition_penalty <= 0:
-            raise InvalidParameter()
-        check_sampling(sampling)
-        return sampling
+        return resolve_sampling(params, prompt, self.backend.defaults, self.backend.max_model_len)
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
     ) -> AsyncGenerator[GenerationChunk]:
         """Stream the answer. Closing the iterator early (a client gone) aborts the request at once."""
         seq = self.scheduler.submit(request_id, prompt, sampling)
+        queue = seq.queue
+        assert queue is not None
         try:
             while True:
-                item = await seq.queue.get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -29,7 +29,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from ting.engine.backend import Defaults, Prompt, Sampling
 from ting.engine.prompt import template_messages
 from ting.errors import InvalidParameter, ModelLoadError
-from ting.types import SAMPLE_RATE, Message
+from ting.types import SAMPLE_RATE, Message, audio_tokens_for_frames
 
 log = logging.getLogger("ting.engine")
 
@@ -288,6 +288,52 @@ class SlotCache:
                 t[dst, :, :length] = t[src, :, :length]
 
 
+# --- inputs: the processor's side (also run in the server process, before the engine) ----------------------
+
+
+class Qwen2AudioInputs:
+    """Chat template, tokenizer and feature extractor: what turns messages into a Prompt. Needs no weights."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def prepare(self, messages: Sequence[Message]) -> Prompt:
+        """Render the chat template, tokenize, extract log-mel features."""
+        shaped, clips = template_messages(messages)
+        for message in shaped:
+            texts = [message["content"]] if isinstance(message["content"], str) else \
+                [c.get("text", "") for c in message["content"]]
+            if any(marker in t for t in texts for marker in AUDIO_MARKERS):
+                raise InvalidParameter("The text may not contain the model's audio placeholder tokens "
+                                       f"({', '.join(AUDIO_MARKERS)}).")
+        text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
+        if clips:
+            out = self.processor(text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE,
+                                 return_tensors="pt")
+            frames = out["feature_attention_mask"].sum(-1).tolist()
+            audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
+            inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
+        else:
+            out = self.processor(text=text, return_tensors="pt")
+            audio_tokens, inputs = (), None
+        ids = tuple(out["input_ids"][0].tolist())
+        return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
+
+
+
+def limit_threads(threads: int) -> None:
+    """Torch's intra-op threads in this process (the server process runs only the feature extractor)."""
+    torch.set_num_threads(threads)
+
+
+def load_inputs(path: str | Path) -> Qwen2AudioInputs:
+    """The processor of a checkpoint directory (no weights are read)."""
+    try:
+        return Qwen2AudioInputs(AutoProcessor.from_pretrained(path))
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load the Qwen2-Audio processor from {path}: {exc}") from exc
+
+
 # --- the backend ---------------------------------------------------------------------------------------------
 
 
@@ -314,6 +360,7 @@ class Qwen2AudioBackend:
         batch_prefill: bool = True,
     ) -> None:
         self.model, self.processor = model, processor
+        self.inputs = Qwen2AudioInputs(processor)
         self.batch_prefill = batch_prefill
         self.batched_prefills = 0  # prefills that took several prompts in one pass
         self.device, self.dtype, self.path = device, dtype, path
@@ -356,25 +403,7 @@ class Qwen2AudioBackend:
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
-        shaped, clips = template_messages(messages)
-        for message in shaped:
-            texts = [message["content"]] if isinstance(message["content"], str) else \
-                [c.get("text", "") for c in message["content"]]
-            if any(marker in t for t in texts for marker in AUDIO_MARKERS):
-                raise InvalidParameter("The text may not contain the model's audio placeholder tokens "
-                                       f"({', '.join(AUDIO_MARKERS)}).")
-        text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
-        if clips:
-            out = self.processor(text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE,
-                                 return_tensors="pt")
-            frames = out["feature_attention_mask"].sum(-1)
-            audio_tokens = tuple(self.model.model.audio_tower._get_feat_extract_output_lengths(frames)[1].tolist())
-            inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
-        else:
-            out = self.processor(text=text, return_tensors="pt")
-            audio_tokens, inputs = (), None
-        ids = tuple(out["input_ids"][0].tolist())
-        return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
+        return self.inputs.prepare(messages)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -506,8 +535,10 @@ class Qwen2AudioBackend:
         owners = [i for i, p in enumerate(prompts) for _ in p.audio_tokens]
         if not owners:
             return [None] * len(prompts)
-        features = torch.cat([p.inputs["input_features"] for p in prompts if p.audio_tokens])
-        frames = torch.cat([p.inputs["feature_attention_mask"] for p in prompts if p.audio_tokens]).sum(-1)
+        # (numpy arrays when the prompt came from the server process: ting.engine.wire)
+        features = torch.cat([torch.as_tensor(p.inputs["input_features"]) for p in prompts if p.audio_tokens])
+        frames = torch.cat([torch.as_tensor(p.inputs["feature_attention_mask"]) for p in prompts
+                            if p.audio_tokens]).sum(-1)
         order = sorted(range(len(features)), key=lambda j: int(frames[j]))  # similar lengths share a batch
         per_clip: dict[int, torch.Tensor] = {}
         for start in range(0, len(order), ENCODER_BATCH):

@@ -6,7 +6,9 @@ New requests join and finished ones leave between steps; nobody waits for a batc
 queue is bounded: past it, submit() raises Overloaded at once. A prefill of several prompts that fails is
 retried prompt by prompt, so a request whose input the model cannot take fails alone, never its batch-mates.
 
-Results go back to asyncio through `loop.call_soon_threadsafe`, one GenerationChunk per generated token.
+Results go back to asyncio through `loop.call_soon_threadsafe`, one GenerationChunk per generated token; or,
+in the engine process, to a `sink` that gathers them and to `publish`, called once the results of a prefill or a
+decoding step are all in (one message per step: ting.engine.core).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ting.engine.backend import Backend, Prompt, Sampling
@@ -36,13 +39,18 @@ class Sequence:
     request_id: str
     prompt: Prompt
     sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[GenerationChunk | BaseException]
+    loop: asyncio.AbstractEventLoop | None  # None: results go to `sink`
+    queue: asyncio.Queue[GenerationChunk | BaseException] | None
     decoder: IncrementalDecoder
+    sink: Callable[[Sequence, GenerationChunk | BaseException], None] | None = None
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
+        if self.sink is not None:
+            self.sink(self, item)
+            return
+        assert self.loop is not None and self.queue is not None
         with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's event loop is gone
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
@@ -65,6 +73,7 @@ class Scheduler:
         max_batch_size: int = 16,
         max_queue: int = 256,
         prefill_token_budget: int = 1024,  # prompt tokens prefilled between two decoding steps (at least one prompt)
+        publish: Callable[[], None] | None = None,  # called on the engine thread once a step's results are emitted
     ) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
@@ -79,6 +88,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._publish = publish or (lambda: None)
 
     # --- called from the event loop ---------------------------------------------------------------------------
 
@@ -96,11 +106,14 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, request_id: str, prompt: Prompt, sampling: Sampling) -> Sequence:
-        loop = asyncio.get_running_loop()
+    def submit(self, request_id: str, prompt: Prompt, sampling: Sampling, *, seq_id: int | None = None,
+               sink: Callable[[Sequence, GenerationChunk | BaseException], None] | None = None) -> Sequence:
+        """Queue a request. Its results go to the caller's event loop, or to `sink` (from any thread)."""
+        loop = asyncio.get_running_loop() if sink is None else None
         seq = Sequence(
-            id=next(self._ids), request_id=request_id, prompt=prompt, sampling=sampling, loop=loop,
-            queue=asyncio.Queue(), decoder=IncrementalDecoder(self.backend.detokenize, sampling.stop),
+            id=next(self._ids) if seq_id is None else seq_id, request_id=request_id, prompt=prompt,
+            sampling=sampling, loop=loop, queue=asyncio.Queue() if sink is None else None,
+            decoder=IncrementalDecoder(self.backend.detokenize, sampling.stop), sink=sink,
         )
         with self._lock:
             if self._stopping:
@@ -116,9 +129,12 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Stop generating for `seq`; its slot is free before the next step."""
+        self.abort_id(seq.id, finished=seq.finished)
+
+    def abort_id(self, seq_id: int, *, finished: bool = False) -> None:
         with self._lock:
-            if not seq.finished:
-                self._aborts.add(seq.id)
+            if not finished:
+                self._aborts.add(seq_id)
         self._wake.set()
 
     # --- the engine thread ------------------------------------------------------------------------------------
@@ -136,12 +152,14 @@ class Scheduler:
             except Exception as exc:  # a bug must fail the requests in flight, never strand them
                 log.exception("engine loop failed; failing the %d running requests", len(self._running))
                 self._fail_running(exc)
+            self._publish()
         with self._lock:
             leftovers = [*self._running.values(), *self._waiting]
             self._running.clear()
             self._waiting.clear()
         for seq in leftovers:
             seq.emit(ShuttingDown())
+        self._publish()
 
     def _drop_aborted(self) -> None:
         with self._lock:
@@ -187,6 +205,7 @@ class Scheduler:
             s = pending.pop(seq_id)
             self._running[s.id] = s
             self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
+            self._publish()
 
     def _prefill_alone(self, batch: list[Sequence]) -> None:
         for s in batch:

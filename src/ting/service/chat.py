@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from ting.audio import AudioLoader, billed_audio_tokens
-from ting.engine import Engine
+from ting.engine import EngineClient
 from ting.errors import EngineError, InputTooLong, InvalidParameter, ModelNotFound, TingError
 from ting.service.lifecycle import Call, Lifecycle, Ticket
 from ting.store import Principal
@@ -136,7 +136,7 @@ class Generation:
 
 
 class ChatService:
-    def __init__(self, lifecycle: Lifecycle, engine: Engine, audio: AudioLoader, models: Models, *,
+    def __init__(self, lifecycle: Lifecycle, engine: EngineClient, audio: AudioLoader, models: Models, *,
                  max_audio_items: int = 8) -> None:
         self.lifecycle, self.engine, self.audio, self.models = lifecycle, engine, audio, models
         self.max_audio_items = max_audio_items

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ting.audio import AudioLoader, billed_audio_tokens
-from ting.engine import Engine, Prompt, Sampling
+from ting.engine import EngineClient, Prompt, Sampling
 from ting.errors import AudioError
 from ting.service.chat import Models, first_error
 from ting.service.language import ANSWER_SAMPLING, language_from_answer, question
@@ -147,7 +147,7 @@ def _cjk(ch: str) -> bool:
 
 
 class TranscriptionService:
-    def __init__(self, lifecycle: Lifecycle, engine: Engine, audio: AudioLoader, models: Models, *,
+    def __init__(self, lifecycle: Lifecycle, engine: EngineClient, audio: AudioLoader, models: Models, *,
                  max_seconds: float) -> None:
         self.lifecycle, self.engine, self.audio, self.models = lifecycle, engine, audio, models
         self.max_seconds = max_seconds

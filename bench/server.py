@@ -1,0 +1,284 @@
+"""Server benchmark: the same requests through the real HTTP server and through the in-process engine.
+
+What the server costs on top of the engine. In one run, on the same weights: C clients each send requests back to
+back (closed loop); every request is one clip (a WAV data: URI over HTTP, the same samples in-process) and a
+question, answered greedily with exactly `--max-tokens` tokens (end-of-sequence ignored: `ignore_eos` in-process,
+a backend wrapper in the server's engine process, so both do the same work). Systems:
+
+  in-process    bench/engine.py's way: Engine.prepare / generate in this process (no HTTP, no audio decoding)
+  http-stream   `ting serve` (the engine in its own process), DashScope SSE, a real HTTP client (httpx)
+  http-plain    the same server, non-streaming answers (TTFT: not seen by the client, so not shown)
+  thread-*      with --before: `ting serve --no-engine-process` (the engine on a thread of the server process,
+                as before the engine process existed), streaming and plain
+
+Prints output tokens/s, TTFT p50/p95 and the HTTP/in-process ratio per concurrency. Raw figures go to
+bench/out/server-<model>.json.
+
+  python bench/server.py --model tiny --concurrency 1,4,16,64
+  python bench/server.py --model real-width --concurrency 1,4,16 --per-client 1 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import QUESTIONS, make_request, prepare_model  # bench/engine.py
+from ting.engine import Engine, qwen2_audio, tiny
+from ting.types import AudioClip, AudioPart, Message, SamplingParams, TextPart
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+GENERATION = "/api/v1/services/aigc/multimodal-generation/generation"
+
+
+def no_eos(backend: Any) -> Any:
+    """Loaded into the server's engine process (TING_TEST_BACKEND_WRAPPER): never stop at end-of-sequence."""
+    backend.eos_token_ids = frozenset()
+    return backend
+
+
+@dataclass
+class Result:
+    system: str
+    concurrency: int
+    requests: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else float("nan")
+
+    def pct_ms(self, q: float) -> float:
+        return float(np.percentile(self.ttft_s, q)) * 1000 if self.ttft_s else float("nan")
+
+
+def wav_uri(samples: np.ndarray) -> str:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm)
+    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def requests_for(n: int, seconds: float) -> list[tuple[str, tuple[Message, ...]]]:
+    """n requests: the WAV data URI and, for in-process, the same samples as the server decodes them."""
+    out = []
+    for i in range(n):
+        samples = make_request(i, seconds)[0].parts[0].clip.samples
+        pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+        clip = AudioClip(samples=pcm, duration_s=seconds, truncated=False, container="wav", codec="pcm_s16le")
+        out.append((wav_uri(samples), (Message("user", (AudioPart("bench", clip),
+                                                         TextPart(QUESTIONS[i % len(QUESTIONS)]))),)))
+    return out
+
+
+async def closed_loop(concurrency: int, per_client: int, one) -> tuple[int, float, list[float]]:  # type: ignore[no-untyped-def]
+    tokens: list[int] = []
+    ttft: list[float] = []
+
+    async def client(c: int) -> None:
+        for k in range(per_client):
+            produced, first_s = await one(c * per_client + k)
+            tokens.append(produced)
+            if first_s is not None:
+                ttft.append(first_s)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    return sum(tokens), time.perf_counter() - started, ttft
+
+
+async def run_in_process(engine: Engine, reqs: list[Any], c: int, per_client: int, max_tokens: int) -> Result:
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(i: int) -> tuple[int, float | None]:
+        submitted = time.perf_counter()
+        prompt = await engine.prepare(reqs[i % len(reqs)][1])
+        produced, first = 0, None
+        async for chunk in engine.generate(prompt, engine.resolve(params, prompt)):
+            produced += len(chunk.token_ids)
+            first = first or time.perf_counter() - submitted
+        return produced, first
+
+    tokens, wall, ttft = await closed_loop(c, per_client, one)
+    return Result("in-process", c, c * per_client, tokens, wall, ttft)
+
+
+async def run_http(url: str, system: str, reqs: list[Any], c: int, per_client: int, max_tokens: int,
+                   stream: bool) -> Result:
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(i: int) -> tuple[int, float | None]:
+            body = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
+                {"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}]}]},
+                "parameters": {"max_tokens": max_tokens, "temperature": 0, "repetition_penalty": 1.0,
+                               "incremental_output": True}}
+            headers = {"Authorization": "Bearer bench"}
+            submitted = time.perf_counter()
+            if not stream:
+                r = await client.post(GENERATION, json=body, headers=headers)
+                r.raise_for_status()
+                return r.json()["usage"]["output_tokens"], None
+            first, usage = None, 0
+            async with client.stream("POST", GENERATION, json=body,
+                                     headers={**headers, "X-DashScope-SSE": "enable"}) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("event:error"):
+                        raise RuntimeError("the server sent an error event")
+                    if line.startswith("data:"):
+                        first = first or time.perf_counter() - submitted
+                        usage = json.loads(line[5:])["usage"]["output_tokens"]
+            return usage, first
+
+        tokens, wall, ttft = await closed_loop(c, per_client, one)
+    return Result(system, c, c * per_client, tokens, wall, ttft)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`ting serve` on a loopback port, its engine never stopping at end-of-sequence."""
+
+    def __init__(self, path: Path, home: Path, *, dummy: bool, slots: int, engine_process: bool) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "TING_TEST_BACKEND_WRAPPER": "server:no_eos",
+               "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+        args = [sys.executable, "-m", "ting", "serve", "--model", str(path), "--port", str(self.port), "--home",
+                str(home), "--max-batch-size", str(slots), "--max-queue", "10000", "--log-level", "warning",
+                "--engine-process" if engine_process else "--no-engine-process"]
+        if dummy:
+            args += ["--load-format", "dummy"]
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout_s: float = 1800) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"ting serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("ting serve did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+async def warm_up_http(url: str, reqs: list[Any]) -> None:
+    await run_http(url, "warm-up", reqs, 2, 1, 4, stream=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny | real-width | a checkpoint directory")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--audio-seconds", type=float, default=2.6)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--before", action="store_true",
+                        help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    slots = max(levels)
+    preset = args.model in tiny.PRESETS
+    path = prepare_model(args.model) if preset else Path(args.model)
+    dummy = preset and not tiny.PRESETS[args.model]["weights"]
+    reqs = requests_for(max(levels) * args.per_client, args.audio_seconds)
+    results: dict[tuple[str, int], Result] = {}
+    print(f"# server bench: {args.model}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
+          f"{args.per_client} requests per client", flush=True)
+
+    backend = qwen2_audio.load(str(path), random_weights=dummy, max_batch_size=slots)
+    engine = Engine(backend, max_batch_size=slots, max_queue=10_000)
+    engine.start()
+    asyncio.run(run_in_process(engine, reqs, 2, 1, 4))  # warm-up: a prefill and batched steps
+    for c in levels:
+        results["in-process", c] = r = asyncio.run(run_in_process(engine, reqs, c, args.per_client, args.max_tokens))
+        print(f"in-process C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
+    engine.stop()
+    del engine, backend
+    gc.collect()
+
+    servers = [("http", True)] + ([("thread", False)] if args.before else [])
+    with tempfile.TemporaryDirectory(prefix="ting-bench-") as home:
+        for prefix, engine_process in servers:
+            server = Server(path, Path(home) / prefix, dummy=dummy, slots=slots, engine_process=engine_process)
+            try:
+                server.wait_ready()
+                asyncio.run(warm_up_http(server.url, reqs))
+                for c in levels:
+                    for stream in (True, False):
+                        system = f"{prefix}-{'stream' if stream else 'plain'}"
+                        r = asyncio.run(run_http(server.url, system, reqs, c, args.per_client, args.max_tokens,
+                                                 stream))
+                        results[system, c] = r
+                        print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms",
+                              flush=True)
+            finally:
+                server.stop()
+    print_table(results, levels, [p for p, _ in servers])
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"server-{args.model}.json").write_text(json.dumps(
+        {"args": vars(args), "results": [asdict(r) for r in results.values()]}, indent=1))
+
+
+def print_table(results: dict[tuple[str, int], Result], levels: list[int], prefixes: list[str]) -> None:
+    print()
+    head = "| C | in-process tok/s | in-process TTFT p50 / p95 (ms) |"
+    rule = "|---|---|---|"
+    for p in prefixes:
+        head += f" {p}-stream tok/s (ratio) | {p}-stream TTFT p50 / p95 (ms) | added TTFT p50 (ms) | " \
+                f"{p}-plain tok/s (ratio) |"
+        rule += "---|---|---|---|"
+    print(head)
+    print(rule)
+    for c in levels:
+        base = results["in-process", c]
+        row = f"| {c} | {base.throughput:.1f} | {base.pct_ms(50):.0f} / {base.pct_ms(95):.0f} |"
+        for p in prefixes:
+            s, n = results[f"{p}-stream", c], results[f"{p}-plain", c]
+            row += (f" {s.throughput:.1f} (**{s.throughput / base.throughput:.2f}**) | {s.pct_ms(50):.0f} / "
+                    f"{s.pct_ms(95):.0f} | {s.pct_ms(50) - base.pct_ms(50):.0f} | {n.throughput:.1f} "
+                    f"({n.throughput / base.throughput:.2f}) |")
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
