@@ -41,15 +41,34 @@ def setup_logging(level: str) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    """Whether listening on `host` reaches this machine only. An empty host means every interface: not loopback."""
+    host = host.strip().strip("[]")
+    if not host:
+        return False
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return _loopback_address(host)
     except ValueError:
         try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except OSError:
+            return all(_loopback_address(info[4][0]) for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
             return False
+
+
+def listen_address(host: str) -> str:
+    """The address to bind: an IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it stands for."""
+    try:
+        mapped = getattr(ipaddress.ip_address(host.strip().strip("[]")), "ipv4_mapped", None)
+    except ValueError:
+        return host
+    return str(mapped) if mapped else host
+
+
+def _loopback_address(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return bool((mapped or address).is_loopback)
 
 
 async def _database_has_keys(settings: Settings) -> bool:
@@ -69,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("ting.server")
     if not is_loopback(settings.host) and not settings.api_key and not settings.allow_no_auth \
             and not asyncio.run(_database_has_keys(settings)):
-        print(f"ting: refusing to listen on {settings.host} with no API key: anyone who can reach it could use the "
+        where = settings.host.strip() or "every interface (empty --host)"
+        print(f"ting: refusing to listen on {where} with no API key: anyone who can reach it could use the "
               f"model. Create a key (ting keys create) or pass --api-key KEY, or --allow-no-auth to accept that.",
               file=sys.stderr)
         return 2
@@ -86,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ting.api.app import create_app
 
+    settings = settings.replace(host=listen_address(settings.host))
     app = create_app(settings)
     log.info("Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
              __version__, settings.host, settings.port, settings.host, settings.port, settings.model)
