@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ting.errors import DownloadFailed, UploadRejected
-from ting.store.db import Database, uploads
+from ting.store.db import Database, private_dir, uploads
 
 log = logging.getLogger("ting.store")
 
@@ -30,8 +30,10 @@ class FileStore:
 
     def temp_path(self) -> Path:
         """A fresh file for an upload in progress (same file system as its final place)."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return self.root / f".incoming-{secrets.token_hex(12)}"
+        private_dir(self.root)
+        path = self.root / f".incoming-{secrets.token_hex(12)}"
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return path
 
     async def commit(self, object_key: str, *, owner: str, model: str, temp: Path, size: int,
                      now: float | None = None) -> None:
