@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from ting import __version__
 from ting.config import Settings, add_arguments, from_args
 
+QUIET_LOGGERS = ("httpx", "httpcore", "hpack", "urllib3", "multipart", "python_multipart")
+
 
 def setup_logging(level: str) -> None:
     """Plain logs on stderr; the access log (one JSON object per request) on stdout."""
@@ -31,6 +33,8 @@ def setup_logging(level: str) -> None:
     errors.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(errors)
     root.setLevel(level.upper())
+    for chatty in QUIET_LOGGERS:  # they log every URL they fetch, signed query strings included
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     access = logging.getLogger("ting.access")
     access.handlers.clear()
     out = logging.StreamHandler(sys.stdout)
