@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,3 +64,82 @@ async def test_a_malformed_redirect_location_is_a_clear_400(server: LiveServer, 
         # the keep-alive connection survives: the next request on the same client is answered
         assert (await client.get(server.url + "/health")).status_code == 200
     assert origin.requests
+
+
+# --- item 8: lone surrogates, names the database cannot hold --------------------------------------------------
+
+SURROGATE = '"\\ud800"'  # JSON's escape for a lone UTF-16 surrogate: valid JSON, not a valid Unicode string
+
+
+def raw_dashscope(model: str = '"qwen-audio-turbo"', text: str = '"hi"') -> bytes:
+    return (f'{{"model": {model}, "input": {{"messages": [{{"role": "user", "content": [{{"text": {text}}}]}}]}},'
+            f' "parameters": {{"max_tokens": 2}}}}').encode()
+
+
+def raw_openai(model: str = '"qwen-audio-turbo"', text: str = '"hi"') -> bytes:
+    return f'{{"model": {model}, "max_tokens": 2, "messages": [{{"role": "user", "content": {text}}}]}}'.encode()
+
+
+def access_lines(capture: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in capture.readouterr().out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("where", ["text", "model"])
+def test_a_lone_surrogate_is_a_clear_400_in_each_protocol(server: LiveServer, where: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    headers = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
+    bad = {where: SURROGATE}
+    with caplog.at_level("INFO", logger="ting.access"):
+        r = httpx.post(server.url + GENERATION, content=raw_dashscope(**bad), headers=headers, timeout=60)
+        body = check_dashscope_400(r)
+        assert "surrogate" in body["message"] or "Unicode" in body["message"]
+        o = httpx.post(server.url + CHAT, content=raw_openai(**bad), headers=headers, timeout=60)
+        error = check_openai_400(o)
+        assert "surrogate" in error["message"] or "Unicode" in error["message"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "ting.access"]
+    for response in (r, o):  # the access-log line is kept
+        assert any(response.headers["x-request-id"] in line and '"status": 400' in line for line in logged)
+    # a text with a proper (paired) surrogate escape is an ordinary character
+    ok = httpx.post(server.url + CHAT, content=raw_openai(text='"\\ud83d\\ude00"'), headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("model", ["q" * 101, "qwen-audio-turbo\u0000", "qwen\nturbo"])
+def test_a_model_name_the_database_cannot_hold_is_refused_before_anything_is_stored(
+        engine: Any, database_url: str, tmp_path: Path, model: str) -> None:
+    with live_server(engine, tmp_path, database=database_url) as s:
+        headers = {"Authorization": "Bearer sk-test"}
+        r = httpx.post(s.url + GENERATION, json=dashscope(None, model=model), headers=headers, timeout=60)
+        check_dashscope_400(r)
+        o = httpx.post(s.url + CHAT, json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                       headers=headers, timeout=60)
+        check_openai_400(o)
+        t = httpx.post(s.url + "/v1/audio/transcriptions", data={"model": model},
+                       files={"file": ("a.wav", b"RIFF0000WAVE")}, headers=headers, timeout=60)
+        check_openai_400(t)
+        p = httpx.get(s.url + "/api/v1/uploads", params={"action": "getPolicy", "model": model}, headers=headers)
+        check_dashscope_400(p)
+        # the server is still whole: an ordinary request is answered and recorded
+        assert httpx.post(s.url + GENERATION, json=dashscope(None), headers=headers, timeout=60).status_code == 200
+
+
+# --- item 17: an OpenAI user message with content null ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["user", "system"])
+def test_an_openai_message_with_null_content_is_a_400(server: LiveServer, role: str) -> None:
+    messages = [{"role": role, "content": None}]
+    if role == "system":
+        messages.append({"role": "user", "content": "hi"})
+    r = httpx.post(server.url + CHAT, json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": messages},
+                   headers={"Authorization": "Bearer sk-test"}, timeout=60)
+    error = check_openai_400(r)
+    assert "messages[0].content" in error["message"]
+    # an assistant turn without content (one that called tools) is still accepted
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+             {"role": "user", "content": "and?"}]
+    ok = httpx.post(server.url + CHAT, json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": turns},
+                    headers={"Authorization": "Bearer sk-test"}, timeout=60)
+    assert ok.status_code == 200, ok.text

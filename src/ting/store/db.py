@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 metadata = sa.MetaData()
+MODEL_COLUMN_CHARS = 100
 
 api_keys = sa.Table(
     "api_keys", metadata,
@@ -179,6 +180,13 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def bounded(text: str, max_chars: int) -> str:
+    """A string any database column of `max_chars` holds: no NUL or other control characters, no lone
+    surrogates, at most `max_chars` characters. (The API refuses such names first; this is the last line.)"""
+    clean = "".join(c if c.isprintable() and not "\ud800" <= c <= "\udfff" else "?" for c in text[:max_chars])
+    return clean
 
 
 def private_dir(path: Path) -> None:

@@ -17,9 +17,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ting.errors import DownloadFailed, UploadRejected
-from ting.store.db import Database, private_dir, uploads
+from ting.store.db import MODEL_COLUMN_CHARS, Database, bounded, private_dir, uploads
 
 log = logging.getLogger("ting.store")
+
+
+def _already_exists() -> UploadRejected:
+    return UploadRejected("The object you specified already exists and can not be overwritten.", status=409,
+                          code="FileAlreadyExists")
 
 
 class FileStore:
@@ -37,25 +42,30 @@ class FileStore:
 
     async def commit(self, object_key: str, *, owner: str, model: str, temp: Path, size: int,
                      now: float | None = None) -> None:
-        """Keep an uploaded file (written to `temp`) under `object_key`."""
+        """Keep an uploaded file (written to `temp`) under `object_key`. A commit that fails leaves no file."""
         now = time.time() if now is None else now
         name = secrets.token_hex(16)
+        kept = self.root / name
         try:
             async with self.db.write() as conn:
                 existing = (await conn.execute(sa.select(uploads).where(uploads.c.object_key == object_key))).first()
                 if existing is not None and existing.expires_at > now:
-                    raise UploadRejected("The object you specified already exists and can not be overwritten.",
-                                         status=409, code="FileAlreadyExists")
+                    raise _already_exists()
                 if existing is not None:
                     await conn.execute(uploads.delete().where(uploads.c.object_key == object_key))
                     self._unlink(existing.path)
-                await asyncio.to_thread(os.replace, temp, self.root / name)
-                await conn.execute(uploads.insert().values(object_key=object_key, owner=owner, model=model,
-                                                           path=name, size=size, created_at=now,
-                                                           expires_at=now + self.ttl_s))
+                await conn.execute(uploads.insert().values(object_key=object_key, owner=owner,
+                                                           model=bounded(model, MODEL_COLUMN_CHARS), path=name,
+                                                           size=size, created_at=now, expires_at=now + self.ttl_s))
+                await asyncio.to_thread(os.replace, temp, kept)
+        except sa.exc.IntegrityError:  # PostgreSQL: another upload of the same key committed first
+            kept.unlink(missing_ok=True)
+            raise _already_exists() from None
+        except BaseException:
+            kept.unlink(missing_ok=True)
+            raise
         finally:
-            if temp.exists():
-                temp.unlink()
+            temp.unlink(missing_ok=True)
 
     async def read_object(self, key: str, *, owner: str | None) -> bytes:
         """The bytes behind an oss:// key (ting.audio.ObjectStore)."""

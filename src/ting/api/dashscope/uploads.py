@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 
 from ting.api.auth import bearer
 from ting.api.runtime import runtime_of
+from ting.api.wire import model_name_problem
 from ting.errors import InvalidParameter, UploadRejected
 
 router = APIRouter(tags=["DashScope"])
@@ -41,6 +42,8 @@ def _b64(data: bytes) -> str:
 async def get_policy(request: Request, action: str = "", model: str = "") -> JSONResponse:
     if action != "getPolicy":
         raise InvalidParameter("action must be getPolicy.")
+    if problem := model_name_problem(model):
+        raise InvalidParameter(problem + ".")
     runtime = runtime_of(request)
     who = await runtime.store.keys.authenticate(bearer(request))
     settings = runtime.settings

@@ -31,6 +31,8 @@ def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
 
 def _parts(role: str, content: str | list[ContentPart] | None, index: int) -> tuple[Part, ...]:
     if content is None:
+        if role != "assistant":  # only an assistant turn (one that called tools) may have no content
+            raise InvalidParameter(f"messages[{index}].content is required for a {role} message (null was given).")
         return ()
     if isinstance(content, str):
         return (TextPart(content),)

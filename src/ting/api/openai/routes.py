@@ -29,6 +29,7 @@ from ting.api.openai.errors import error_response
 from ting.api.openai.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList, Transcription
 from ting.api.runtime import runtime_of
 from ting.api.streaming import HEARTBEAT, shielded, until_disconnected, with_heartbeats
+from ting.api.wire import model_name_problem
 from ting.errors import AudioEmpty, AudioTooLarge, InvalidParameter, TingError
 from ting.service import Call, Generation, transcription_call
 
@@ -101,6 +102,8 @@ async def _audio_form(request: Request, task: str) -> Response:
         raise InvalidParameter("file is required: the audio to transcribe, as a multipart file field.")
     if not model:
         raise InvalidParameter("model is required.")
+    if problem := model_name_problem(model):
+        raise InvalidParameter(problem + ".")
     if response_format not in FORMATS:
         raise InvalidParameter(f"response_format must be one of {', '.join(FORMATS)}.")
     try:

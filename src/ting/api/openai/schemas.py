@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ting.api.wire import check_request_json
 
 
 class _Open(BaseModel):
@@ -38,6 +40,11 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
+    @model_validator(mode="before")
+    @classmethod
+    def _wire_strings(cls, data: Any) -> Any:
+        return check_request_json(data)
+
     model: str
     messages: list[ChatMessage]
     max_tokens: int | None = None
