@@ -55,6 +55,8 @@ class Settings:
     heartbeat_s: float = _opt(15.0, "Seconds of silence after which a stream gets a keep-alive comment.")
     drain_timeout_s: float = _opt(30.0, "On shutdown, seconds to let in-flight requests finish.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+    docs: bool = _opt(False, "Serve Swagger UI at /docs. Off by default: its script and style come from a public "
+                      "CDN. /openapi.json is always served.")
     # --- audio
     allow_media_hosts: tuple[str, ...] = _opt((), "Host names, IPs or CIDRs that audio URLs may reach even "
                                               "though they are private (comma list).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,13 @@ def test_an_existing_database_file_is_made_private(engine: Any, tmp_path: Path) 
     with live_server(engine, tmp_path) as s:
         assert httpx.get(s.url + "/health").status_code == 200
         assert mode(tmp_path / "ting.db") == 0o600
+
+
+def test_nothing_is_loaded_from_a_public_cdn(engine: Any, tmp_path: Path) -> None:
+    with live_server(engine, tmp_path) as s:
+        assert httpx.get(s.url + "/docs").status_code == 404
+        assert httpx.get(s.url + "/openapi.json").json()["info"]["title"] == "Ting"
+        page = httpx.get(s.url + "/playground/").text
+        assert not re.search(r"(src|href)=\"(https?:)?//", page)  # every asset from this server
+    with live_server(engine, tmp_path / "docs", docs=True) as s:  # asked for: Swagger UI, from its CDN
+        assert "swagger-ui" in httpx.get(s.url + "/docs").text

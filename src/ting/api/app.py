@@ -91,6 +91,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             await runtime.close()
 
     app = FastAPI(title="Ting", version=__version__, lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.docs else None,  # Swagger UI loads from a CDN: only when asked
                   description="Self-hosted Qwen-Audio: the DashScope and OpenAI APIs on your own hardware.")
     app.state.runtime = runtime
     app.include_router(dashscope.router)
