@@ -51,6 +51,9 @@ class Settings:
                                     secret=True)
     allow_no_auth: bool = _opt(False, "Allow listening beyond loopback with no API key configured.")
     cors_origins: tuple[str, ...] = _opt((), "Browser origins allowed to call the API (none by default).")
+    allowed_hosts: tuple[str, ...] = _opt((), "Host names a server without API keys answers to, besides localhost, "
+                                          "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
+                                          "for any).")
     max_request_bytes: int = _opt(32 * MiB, "Largest request body accepted, in bytes.")
     heartbeat_s: float = _opt(15.0, "Seconds of silence after which a stream gets a keep-alive comment.")
     drain_timeout_s: float = _opt(30.0, "On shutdown, seconds to let in-flight requests finish.")

@@ -120,6 +120,10 @@ class Keys:
                                .values(revoked_at=time.time() if now is None else now))
         return await self.find(key.id)
 
+    async def open(self) -> bool:
+        """Whether no key is configured anywhere (then any caller is accepted)."""
+        return not self._static and not await self.db.read(sa.select(api_keys.c.id).limit(1))
+
     async def authenticate(self, token: str | None, now: float | None = None) -> Principal:
         """The caller behind a bearer token, or AuthError / AccessDenied."""
         now = time.time() if now is None else now
