@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ting.api.app import create_app
+    from ting.api.connections import uvicorn_options
 
     settings = settings.replace(host=listen_address(settings.host))
     app = create_app(settings)
@@ -118,9 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # it; after a clean drain Ting exits 0 instead. (A second signal during the drain still forces the exit.)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s), proxy_headers=True,
-                forwarded_allow_ips="127.0.0.1", lifespan="on")
+    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
     return 0
 
 

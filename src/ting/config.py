@@ -55,6 +55,11 @@ class Settings:
                                           "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
                                           "for any).")
     max_request_bytes: int = _opt(32 * MiB, "Largest request body accepted, in bytes.")
+    max_connections: int = _opt(1000, "Most open client connections; past it a new one gets 503 and is closed.")
+    header_timeout_s: float = _opt(20.0, "Seconds a client has to send a request's headers (from connecting, or "
+                                   "from the previous response); then 408 and the connection is closed.")
+    body_timeout_s: float = _opt(30.0, "Seconds of silence allowed while a request body is being sent.")
+    keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection is kept open between requests.")
     heartbeat_s: float = _opt(15.0, "Seconds of silence after which a stream gets a keep-alive comment.")
     drain_timeout_s: float = _opt(30.0, "On shutdown, seconds to let in-flight requests finish.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
