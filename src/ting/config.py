@@ -90,6 +90,10 @@ class Settings:
                                      "X-DashScope-OssResourceResolve: enable, as DashScope does.")
     upload_ttl_s: float = _opt(48 * 3600.0, "Seconds an uploaded file is kept.")
     upload_max_bytes: int = _opt(100 * MiB, "Largest file the upload host accepts.")
+    upload_quota_bytes: int = _opt(1024 * MiB, "Most bytes of uploaded files one API key keeps at once (files "
+                                   "are kept --upload-ttl-s).")
+    max_concurrent_uploads: int = _opt(4, "Most uploads being received at once; past it an upload gets 503 "
+                                       "before its file is read.")
 
     @property
     def home_path(self) -> Path:

@@ -54,6 +54,7 @@ class Runtime:
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once open
+        self.uploads_in_flight = 0  # form uploads being received (api/dashscope/uploads.py)
 
     def service(self) -> ChatService:
         if self._service is None or self.state != "ready":
