@@ -55,7 +55,8 @@ class Settings:
                                           "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
                                           "for any).")
     max_request_bytes: int = _opt(32 * MiB, "Largest request body accepted, in bytes.")
-    max_connections: int = _opt(1000, "Most open client connections; past it a new one gets 503 and is closed.")
+    max_connections: int = _opt(1000, "Most open client connections. At the cap the one waiting longest for a "
+                                "request is closed to make room; if all are busy a new one gets 503.")
     header_timeout_s: float = _opt(20.0, "Seconds a client has to send a request's headers (from connecting, or "
                                    "from the previous response); then 408 and the connection is closed.")
     body_timeout_s: float = _opt(30.0, "Seconds of silence allowed while a request body is being sent.")

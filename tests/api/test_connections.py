@@ -114,11 +114,14 @@ def test_keep_alive_and_ordinary_requests_still_work(guarded: GuardedServer) -> 
 
 
 def test_connections_past_the_limit_are_refused_at_once(engine: Any, tmp_path: Path) -> None:
-    server = serve(engine, tmp_path, header_timeout_s=120.0, max_connections=4)
+    """Four connections busy sending request bodies fill the cap: a fifth is answered 503 before any parsing."""
+    server = serve(engine, tmp_path, header_timeout_s=120.0, body_timeout_s=120.0, max_connections=4)
     held: list[socket.socket] = []
     try:
         for _ in range(4):
-            held.append(connect(server))
+            sock = connect(server)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+            held.append(sock)
         deadline = time.monotonic() + DEADLINE_S
         while server.connections() < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -129,6 +132,26 @@ def test_connections_past_the_limit_are_refused_at_once(engine: Any, tmp_path: P
         while server.connections() > 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert httpx.get(server.url + "/health/live", timeout=60).status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_idle_sockets_cannot_lock_out_real_clients(engine: Any, tmp_path: Path) -> None:
+    """At the cap, the connection that has waited longest for a request makes room for the new one."""
+    server = serve(engine, tmp_path, header_timeout_s=120.0, max_connections=4)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            held.append(connect(server))
+            deadline = time.monotonic() + DEADLINE_S
+            while server.connections() < len(held) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for _ in range(3):
+            assert httpx.get(server.url + "/health/live", timeout=60).status_code == 200
+        assert read_until_closed(held[0]).startswith(b"HTTP/1.1 408 ")  # the oldest idle one made room
+        assert server.connections() <= 4
     finally:
         for sock in held:
             sock.close()

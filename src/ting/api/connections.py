@@ -9,7 +9,9 @@ each. `guarded_protocol` is uvicorn's h11 protocol with three more rules:
   response ending), however the bytes trickle in; otherwise 408 and the connection is closed;
 - while a request body is being read, `body_timeout_s` of silence closes the connection (the route sees the
   client gone); time the route itself spends not reading does not count;
-- past `max_connections` open connections a new one is answered 503 at once and closed, before any parsing.
+- at `max_connections` open connections, the one that has waited longest for a request (idle, or trickling its
+  headers) is closed to make room; if every connection is busy with a request, the new one is answered 503 at
+  once and closed, before any parsing.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ class GuardedH11Protocol(H11Protocol):
         self._refused = False
         self._guard_timer: asyncio.TimerHandle | None = None
         self._phase = ""
+        self._phase_since = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_connections and not self._reclaim_one():
             self._refused = True  # never registered with the server: costs one write and a close
             self.transport = transport
             transport.write(TOO_MANY)
@@ -56,6 +59,20 @@ class GuardedH11Protocol(H11Protocol):
             return
         super().connection_made(transport)
         self._watch()
+
+    def _reclaim_one(self) -> bool:
+        """At the cap, close the connection that has waited longest for a request (idle or trickling headers),
+        so that idle sockets cannot lock out clients that do send requests. False if every one is busy."""
+        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._phase == "headers"
+                   and not c.transport.is_closing()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c._phase_since)
+        oldest._cancel()
+        oldest.transport.write(REQUEST_TIMEOUT)
+        oldest.transport.close()
+        self.connections.discard(oldest)  # uvicorn forgets it in connection_lost too; count the room now
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
@@ -104,6 +121,8 @@ class GuardedH11Protocol(H11Protocol):
             self._start(self.limits.body_timeout_s, self._body_silent)
         elif phase == "app":
             self._cancel()
+        if phase != self._phase:
+            self._phase_since = self.loop.time()
         self._phase = phase
 
     def _start(self, delay_s: float, callback: Any) -> None:
