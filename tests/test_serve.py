@@ -116,6 +116,23 @@ def test_it_will_not_listen_beyond_loopback_without_a_key(tiny_dir: Path, tmp_pa
         assert serve.stop() == 0
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_empty_host_is_every_interface_not_loopback(tiny_dir: Path, tmp_path: Path, how: str) -> None:
+    args = ["--host", ""] if how == "flag" else []
+    env = {**os.environ, "TING_HOST": ""}
+    refused = subprocess.run([sys.executable, "-m", "ting", "serve", "--model", str(tiny_dir), *args,
+                              "--port", str(free_port()), "--home", str(tmp_path)], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert refused.returncode == 2 and "refusing to listen on every interface" in refused.stderr
+
+
+def test_an_ipv4_mapped_loopback_host_is_loopback(tiny_dir: Path, tmp_path: Path) -> None:
+    serve = Serve(tmp_path, "--model", str(tiny_dir), "--host", "::ffff:127.0.0.1", "--home", str(tmp_path))
+    serve.wait_ready()
+    assert httpx.get(serve.url + "/health", timeout=5).status_code == 200
+    assert serve.stop() == 0
+
+
 def test_absent_weights_offline_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     started = time.monotonic()

@@ -27,7 +27,7 @@ from ting.config import Settings, add_arguments, from_args
 if TYPE_CHECKING:
     from ting.store import Store
 
-CUT_GRACE_S = 15.0  # past --drain-timeout-s, time for cut requests to send their error and settle
+QUIET_LOGGERS = ("httpx", "httpcore", "hpack", "urllib3", "multipart", "python_multipart")
 
 
 def setup_logging(level: str) -> None:
@@ -38,6 +38,8 @@ def setup_logging(level: str) -> None:
     errors.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(errors)
     root.setLevel(level.upper())
+    for chatty in QUIET_LOGGERS:  # they log every URL they fetch, signed query strings included
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     access = logging.getLogger("ting.access")
     access.handlers.clear()
     out = logging.StreamHandler(sys.stdout)
@@ -48,15 +50,34 @@ def setup_logging(level: str) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    """Whether listening on `host` reaches this machine only. An empty host means every interface: not loopback."""
+    host = host.strip().strip("[]")
+    if not host:
+        return False
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return _loopback_address(host)
     except ValueError:
         try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except OSError:
+            return all(_loopback_address(str(info[4][0])) for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
             return False
+
+
+def listen_address(host: str) -> str:
+    """The address to bind: an IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it stands for."""
+    try:
+        mapped = getattr(ipaddress.ip_address(host.strip().strip("[]")), "ipv4_mapped", None)
+    except ValueError:
+        return host
+    return str(mapped) if mapped else host
+
+
+def _loopback_address(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return bool((mapped or address).is_loopback)
 
 
 async def _database_has_keys(settings: Settings) -> bool:
@@ -76,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("ting.server")
     if not is_loopback(settings.host) and not settings.api_key and not settings.allow_no_auth \
             and not asyncio.run(_database_has_keys(settings)):
-        print(f"ting: refusing to listen on {settings.host} with no API key: anyone who can reach it could use the "
+        where = settings.host.strip() or "every interface (empty --host)"
+        print(f"ting: refusing to listen on {where} with no API key: anyone who can reach it could use the "
               f"model. Create a key (ting keys create) or pass --api-key KEY, or --allow-no-auth to accept that.",
               file=sys.stderr)
         return 2
@@ -96,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ting.api.app import create_app
+    from ting.api.connections import uvicorn_options
 
+    settings = settings.replace(host=listen_address(settings.host))
     app = create_app(settings)
     runtime = app.state.runtime
     log.info("Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
@@ -113,10 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # drain still forces the exit.) uvicorn's own deadline is a backstop past Ting's drain, which cuts first.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s + CUT_GRACE_S), proxy_headers=True,
-                            forwarded_allow_ips="127.0.0.1", lifespan="on")
-    Server(config).run()
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, **uvicorn_options(settings))).run()
     if not runtime.drain_clean:
         print(f"ting: requests still running after --drain-timeout-s {settings.drain_timeout_s:g} were cut "
               f"(each got an error and was settled with what it used)", file=sys.stderr)

@@ -59,10 +59,21 @@ class Settings:
                                     secret=True)
     allow_no_auth: bool = _opt(False, "Allow listening beyond loopback with no API key configured.")
     cors_origins: tuple[str, ...] = _opt((), "Browser origins allowed to call the API (none by default).")
+    allowed_hosts: tuple[str, ...] = _opt((), "Host names a server without API keys answers to, besides localhost, "
+                                          "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
+                                          "for any).")
     max_request_bytes: int = _opt(32 * MiB, "Largest request body accepted, in bytes.")
+    max_connections: int = _opt(1000, "Most open client connections. At the cap the one waiting longest for a "
+                                "request is closed to make room; if all are busy a new one gets 503.")
+    header_timeout_s: float = _opt(20.0, "Seconds a client has to send a request's headers (from connecting, or "
+                                   "from the previous response); then 408 and the connection is closed.")
+    body_timeout_s: float = _opt(30.0, "Seconds of silence allowed while a request body is being sent.")
+    keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection is kept open between requests.")
     heartbeat_s: float = _opt(15.0, "Seconds of silence after which a stream gets a keep-alive comment.")
     drain_timeout_s: float = _opt(30.0, "On shutdown, seconds to let in-flight requests finish.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+    docs: bool = _opt(False, "Serve Swagger UI at /docs. Off by default: its script and style come from a public "
+                      "CDN. /openapi.json is always served.")
     # --- audio
     allow_media_hosts: tuple[str, ...] = _opt((), "Host names, IPs or CIDRs that audio URLs may reach even "
                                               "though they are private (comma list).")
@@ -88,6 +99,10 @@ class Settings:
                                      "X-DashScope-OssResourceResolve: enable, as DashScope does.")
     upload_ttl_s: float = _opt(48 * 3600.0, "Seconds an uploaded file is kept.")
     upload_max_bytes: int = _opt(100 * MiB, "Largest file the upload host accepts.")
+    upload_quota_bytes: int = _opt(1024 * MiB, "Most bytes of uploaded files one API key keeps at once (files "
+                                   "are kept --upload-ttl-s).")
+    max_concurrent_uploads: int = _opt(4, "Most uploads being received at once; past it an upload gets 503 "
+                                       "before its file is read.")
 
     @property
     def home_path(self) -> Path:

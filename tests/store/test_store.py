@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ting import errors
 from ting.store import Outcome, Store
-from ting.store.db import api_keys, ledger, reservations
+from ting.store.db import api_keys, ledger, reservations, uploads
 from ting.store.quota import WINDOW_S
 from ting.types import Usage
 
@@ -270,6 +271,53 @@ async def test_uploads_are_bound_to_their_owner_and_expire(store: Store) -> None
         await store.files.read_object("dashscope-instant/a/b.wav", owner="alice")
     assert await store.files.purge() == 1
     assert not [p for p in store.files.root.iterdir() if not p.name.startswith(".")]
+
+
+async def test_a_failed_upload_commit_leaves_no_file(store: Store) -> None:
+    """Two uploads of one key at once: one is kept, the other is a 409 and leaves nothing on disk (on PostgreSQL
+    both pass the existence check and the second insert fails on the primary key)."""
+    temps = []
+    for data in (b"first", b"second"):
+        temp = store.files.temp_path()
+        temp.write_bytes(data)
+        temps.append(temp)
+    results = await asyncio.gather(*(store.files.commit("dashscope-instant/a/same.wav", owner="alice", model="m",
+                                                        temp=t, size=5) for t in temps), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], errors.UploadRejected) and refused[0].status == 409
+    assert len(list(store.files.root.iterdir())) == 1  # the kept file; no orphan, no temp left
+
+
+async def test_an_upload_whose_transaction_fails_leaves_no_file(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = store.db.write
+
+    @contextlib.asynccontextmanager
+    async def failing_write():  # type: ignore[no-untyped-def]
+        async with real_write() as conn:
+            yield conn
+            raise ConnectionResetError("the database went away before COMMIT")  # injected: rolls back
+
+    monkeypatch.setattr(store.db, "write", failing_write)
+    temp = store.files.temp_path()
+    temp.write_bytes(b"RIFF")
+    with pytest.raises(ConnectionResetError):
+        await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m", temp=temp, size=4)
+    monkeypatch.undo()
+    assert list(store.files.root.iterdir()) == []
+    rows = await store.db.read(sa.select(uploads))
+    assert rows == []
+
+
+async def test_every_string_the_database_sees_is_bounded_and_clean(store: Store) -> None:
+    temp = store.files.temp_path()
+    temp.write_bytes(b"RIFF")
+    await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m\x00" + "x" * 300 + "\ud800",
+                             temp=temp, size=4)
+    who = await store.keys.authenticate("sk-static")
+    await store.quota.admit(who, "req-1", model="q\x00" * 200, protocol="openai")
+    async with store.db.engine.connect() as conn:
+        models = [r.model for r in await conn.execute(sa.select(reservations.c.model))]
+    assert models and all(len(m) <= 100 and "\x00" not in m for m in models)
 
 
 # --- the quota as a state machine ------------------------------------------------------------------------------

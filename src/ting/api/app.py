@@ -19,6 +19,7 @@ from starlette.types import Scope
 
 from ting import __version__
 from ting.api import dashscope, health, openai
+from ting.api.hostguard import HostGuard, HostPolicy
 from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.config import Settings
@@ -123,6 +124,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             await runtime.close()
 
     app = FastAPI(title="Ting", version=__version__, lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.docs else None,  # Swagger UI loads from a CDN: only when asked
                   description="Self-hosted Qwen-Audio: the DashScope and OpenAI APIs on your own hardware.")
     app.state.runtime = runtime
     app.include_router(dashscope.router)
@@ -153,6 +155,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.add_middleware(LargeBodyPacing, threshold_bytes=LARGE_BODY_BYTES)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
+    app.add_middleware(HostGuard, policy=HostPolicy(allowed_hosts=settings.allowed_hosts,
+                                                    public_url=settings.public_url,
+                                                    cors_origins=settings.cors_origins),
+                       is_open=runtime.store.keys.open, render=render_error)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], allow_credentials=False)

@@ -67,7 +67,17 @@ class RequestContext:
                                     "path": scope["path"], "status": status["code"] or 499,
                                     "latency_ms": int((time.monotonic() - started) * 1000)}
             line.update(report.fields())
-            access_log.info(json.dumps(line, ensure_ascii=False))
+            access_log.info(_json_line(line))
+
+
+def _json_line(line: dict[str, Any]) -> str:
+    """The access-log line as UTF-8 text; anything UTF-8 cannot hold (a lone surrogate) is written escaped."""
+    text = json.dumps(line, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(line)
+    return text
 
 
 class BodyLimit:

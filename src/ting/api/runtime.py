@@ -69,6 +69,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._draining: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once open
+        self.uploads_in_flight = 0  # form uploads being received (api/dashscope/uploads.py)
 
     def service(self) -> ChatService:
         if self._service is None or self.state != "ready":

@@ -62,6 +62,24 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
     return seen
 
 
+BAD_URL = "Invalid URL provided in your request (or in a redirect's Location header)."
+
+
+def _redirect_target(base: httpx.URL, location: str) -> str:
+    """The URL a redirect points to; a Location httpx cannot parse is the origin's error, a clear 400."""
+    try:
+        return str(base.join(location))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise MediaUrlError(BAD_URL) from None
+
+
+def _display_text(url: str) -> str:
+    try:
+        return _display(httpx.URL(url)) if url.startswith("http") else "audio"
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return "audio"
+
+
 def _display(url: httpx.URL) -> str:
     """The URL for error messages and logs: no query string (it may hold a signature)."""
     return str(url.copy_with(query=None, fragment=None))
@@ -113,7 +131,7 @@ class HttpFetcher:
                         current = result
                     raise DownloadFailed("Failed to download multimodal content: too many redirects.")
             except TimeoutError:
-                shown = _display(httpx.URL(current)) if current.startswith("http") else "audio"
+                shown = _display_text(current)
                 raise DownloadTimeout(f"Download {shown} timeout, please check network connection.") from None
 
     async def _checked_address(self, target: Target) -> IPAddress:
@@ -122,8 +140,11 @@ class HttpFetcher:
 
     async def _get(self, target: Target, address: IPAddress) -> bytes | str:
         """One hop: the body, or the next URL when the answer is a redirect."""
-        shown = _display(target.url)
-        pinned = target.url.copy_with(host=str(address))
+        try:
+            shown = _display(target.url)
+            pinned = target.url.copy_with(host=str(address))
+        except (httpx.InvalidURL, ValueError, TypeError):  # a URL (or redirect Location) httpx parses but cannot send
+            raise MediaUrlError(BAD_URL) from None
         host_header = target.host if target.url.port is None else f"{target.host}:{target.port}"
         if ":" in target.host and target.ip is not None:  # IPv6 literal
             host_header = f"[{target.host}]" + (f":{target.port}" if target.url.port else "")
@@ -134,6 +155,9 @@ class HttpFetcher:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException:
             raise DownloadTimeout(f"Download {shown} timeout, please check network connection.") from None
+        except httpx.InvalidURL:  # not an HTTPError: httpx parses a redirect's Location inside send()
+            log.info("audio download failed: %s sent a redirect httpx cannot parse", shown)
+            raise MediaUrlError(BAD_URL) from None
         except httpx.ConnectError as exc:
             if _refused(exc):
                 raise ConnectionRefused(f"Connection to {shown} refused, please provide available URL.") from None
@@ -144,7 +168,7 @@ class HttpFetcher:
             raise DownloadFailed() from None
         try:
             if response.status_code in _REDIRECTS and "location" in response.headers:
-                return str(target.url.join(response.headers["location"]))
+                return _redirect_target(target.url, response.headers["location"])
             if response.status_code != 200:
                 log.info("audio download failed: %s answered %d", shown, response.status_code)
                 raise DownloadFailed()

@@ -57,7 +57,8 @@ class Store:
         path = sa.engine.make_url(self.db.url).database
         if not path or path == ":memory:":
             return
-        handle = open(f"{path}.lock", "w")  # noqa: SIM115 (held for the life of the server)
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_WRONLY, 0o600)
+        handle = open(fd, "w")  # noqa: SIM115 (held for the life of the server)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

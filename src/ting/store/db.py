@@ -11,6 +11,7 @@ schema_migrations.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ting.store.migrations import MIGRATIONS
 
 metadata = sa.MetaData()
+MODEL_COLUMN_CHARS = 100
 
 api_keys = sa.Table(
     "api_keys", metadata,
@@ -134,7 +136,7 @@ class Database:
         if self.dialect == "sqlite":
             path = sa.engine.make_url(self.url).database
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                private_file(Path(path))
             self.engine: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
             _sqlite_pragmas(self.engine)
         else:
@@ -185,6 +187,33 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def bounded(text: str, max_chars: int) -> str:
+    """A string any database column of `max_chars` holds: no NUL or other control characters, no lone
+    surrogates, at most `max_chars` characters. (The API refuses such names first; this is the last line.)"""
+    clean = "".join(c if c.isprintable() and not "\ud800" <= c <= "\udfff" else "?" for c in text[:max_chars])
+    return clean
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` and any missing parents with mode 0700 (an existing directory is left as it is)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` (and its directory) readable by this user only: 0600 in a 0700 directory it creates.
+
+    The database holds the upload-policy secret and the whole ledger. SQLite gives its -wal and -shm files the
+    database file's mode, so they are private too. An existing file is tightened to 0600.
+    """
+    private_dir(path.parent)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

@@ -121,6 +121,21 @@ class Keys:
                                .values(revoked_at=time.time() if now is None else now))
         return await self.find(key.id)
 
+    async def open(self) -> bool:
+        """Whether no key is configured anywhere (then any caller is accepted)."""
+        return not self._static and not await self.db.read(sa.select(api_keys.c.id).limit(1))
+
+    async def owner_active(self, owner: str, now: float | None = None) -> bool:
+        """Whether the caller an upload policy was issued to (a Principal's `owner`) may still upload."""
+        now = time.time() if now is None else now
+        kind, _, rest = owner.partition(":")
+        if kind == "static":
+            return any(h.startswith(rest) for h in self._static)
+        if kind == "anon":
+            return await self.open()
+        rows = await self.db.read(sa.select(api_keys).where(api_keys.c.id == owner))
+        return bool(rows) and _info(rows[0]).state(now) == "active"
+
     async def authenticate(self, token: str | None, now: float | None = None) -> Principal:
         """The caller behind a bearer token, or AuthError / AccessDenied."""
         now = time.time() if now is None else now

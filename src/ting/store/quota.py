@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ting.errors import AccessDenied, AuthError, ConcurrencyLimited, QuotaExhausted, RateLimited, TingError
-from ting.store.db import Database, api_keys, instances, ledger, rate_windows, reservations
+from ting.store.db import MODEL_COLUMN_CHARS, Database, api_keys, bounded, instances, ledger, rate_windows, reservations
 from ting.store.keys import Principal
 from ting.types import Usage
 
@@ -80,6 +80,7 @@ class Quota:
                     now: float | None = None) -> None:
         """Start a request, or raise (after writing its ledger row) when a limit refuses it."""
         now = time.time() if now is None else now
+        model = bounded(model, MODEL_COLUMN_CHARS)
         refusal: TingError | None = None
         async with self.db.write() as conn:
             if who.key_id is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ting.api.wire import check_request_json
 from ting.types import MAX_MESSAGES, MAX_PARTS, MAX_TEXT_CHARS
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
@@ -47,6 +48,11 @@ class GenerationParameters(_Open):
 
 
 class GenerationRequest(_Open):
+    @model_validator(mode="before")
+    @classmethod
+    def _wire_strings(cls, data: Any) -> Any:
+        return check_request_json(data)
+
     model: str | None = None
     input: GenerationInput | None = None
     parameters: GenerationParameters | None = None

@@ -31,6 +31,7 @@ from ting.api.openai.schemas import (
     TranscriptTextDone,
     VerboseTranscription,
 )
+from ting.api.wire import model_name_problem
 from ting.errors import InvalidParameter
 from ting.service import Segment, Transcript
 from ting.service.language import whisper_name
@@ -60,6 +61,8 @@ def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
 
 def _parts(role: str, content: str | list[ContentPart] | None, index: int) -> tuple[Part, ...]:
     if content is None:
+        if role != "assistant":  # only an assistant turn (one that called tools) may have no content
+            raise InvalidParameter(f"messages[{index}].content is required for a {role} message (null was given).")
         return ()
     if isinstance(content, str):
         return (TextPart(content),)
@@ -246,6 +249,8 @@ def audio_form(form: FormData, task: str) -> AudioForm:
     model = _field(form, "model")
     if not model:
         raise InvalidParameter("model is required.", param="model")
+    if problem := model_name_problem(model):
+        raise InvalidParameter(problem + ".", param="model")
     response_format = _field(form, "response_format") or "json"
     if response_format not in FORMATS:
         raise InvalidParameter(f"response_format must be one of {', '.join(FORMATS)}.", param="response_format")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ting.api.wire import check_request_json
 from ting.types import MAX_MESSAGES, MAX_PARTS, MAX_TEXT_CHARS
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
@@ -42,6 +43,11 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
+    @model_validator(mode="before")
+    @classmethod
+    def _wire_strings(cls, data: Any) -> Any:
+        return check_request_json(data)
+
     model: str
     messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
     max_tokens: int | None = None
