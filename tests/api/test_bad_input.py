@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import LiveServer, live_server
+from tests.api.conftest import LiveServer, live_server, wait_for
 from tests.origin import Origin, redirect
 
 GENERATION = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -98,9 +98,13 @@ def test_a_lone_surrogate_is_a_clear_400_in_each_protocol(server: LiveServer, wh
         o = httpx.post(server.url + CHAT, content=raw_openai(**bad), headers=headers, timeout=60)
         error = check_openai_400(o)
         assert "surrogate" in error["message"] or "Unicode" in error["message"]
-    logged = [r.getMessage() for r in caplog.records if r.name == "ting.access"]
-    for response in (r, o):  # the access-log line is kept
-        assert any(response.headers["x-request-id"] in line and '"status": 400' in line for line in logged)
+
+        def logged(response: httpx.Response) -> bool:  # written once the response is over: wait for it
+            lines = [rec.getMessage() for rec in caplog.records if rec.name == "ting.access"]
+            return any(response.headers["x-request-id"] in line and '"status": 400' in line for line in lines)
+
+        for response in (r, o):  # the access-log line is kept
+            wait_for(lambda response=response: logged(response), "the access-log line")
     # a text with a proper (paired) surrogate escape is an ordinary character
     ok = httpx.post(server.url + CHAT, content=raw_openai(text='"\\ud83d\\ude00"'), headers=headers, timeout=60)
     assert ok.status_code == 200, ok.text
