@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ting import errors
 from ting.engine.backend import Defaults, Prompt, Sampling
 from ting.errors import EngineError, Overloaded, TingError
 from ting.types import GenerationChunk, Usage
@@ -136,5 +137,12 @@ def encode_error(seq_id: int, exc: BaseException) -> list[Any]:
 
 
 def decode_error(v: list[Any]) -> tuple[int, TingError]:
+    """The engine's error as the server raises it: the same kind of TingError (ShuttingDown stays a 503), else an
+    EngineError with the engine's message."""
     seq_id, kind, message = v
-    return seq_id, (Overloaded(message, retry_after_s=1.0) if kind == "Overloaded" else EngineError(message))
+    known = getattr(errors, kind, None)
+    if isinstance(known, type) and issubclass(known, TingError) and known is not TingError:
+        error = known(message)
+        error.retry_after_s = 1.0 if known is Overloaded else None
+        return seq_id, error
+    return seq_id, EngineError(message)
