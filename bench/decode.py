@@ -33,8 +33,24 @@ from ting.audio.decode import DecoderPool, decode_bytes  # noqa: E402
 OUT = ROOT / "bench" / "out"
 CLIP_S = 30.0
 REPEATS = 5
-FORMATS = ["wav_pcm_s16", "wav_stereo_48k_f32", "wav_gsm_ms", "amr_nb", "amr_wb", "3gp_amr_nb", "3gpp_aac",
-           "aac_adts", "m4a_aac", "mp3_cbr", "mp3_vbr_id3", "flac", "ogg_vorbis", "ogg_opus", "webm_opus", "mp4_video"]
+FORMATS = [
+    "wav_pcm_s16",
+    "wav_stereo_48k_f32",
+    "wav_gsm_ms",
+    "amr_nb",
+    "amr_wb",
+    "3gp_amr_nb",
+    "3gpp_aac",
+    "aac_adts",
+    "m4a_aac",
+    "mp3_cbr",
+    "mp3_vbr_id3",
+    "flac",
+    "ogg_vorbis",
+    "ogg_opus",
+    "webm_opus",
+    "mp4_video",
+]
 
 TING_CHILD = """
 import os, sys, time, json
@@ -62,17 +78,39 @@ print(json.dumps({"best_s": min(times), "seconds": len(d.samples) / 16000, "rss_
 
 def ting_decode(path: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", TING_CHILD, str(path), str(REPEATS)], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", TING_CHILD, str(path), str(REPEATS)], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout)
 
 
 def ffmpeg_decode(path: Path) -> dict[str, float]:
     best, rss = float("inf"), 0
     for _ in range(REPEATS + 1):
-        out = subprocess.run(["taskset", "-c", "0", "ffmpeg", "-hide_banner", "-nostdin", "-benchmark", "-threads", "1",
-                              "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "f32le", "-"],
-                             capture_output=True, check=True)
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                "0",
+                "ffmpeg",
+                "-hide_banner",
+                "-nostdin",
+                "-benchmark",
+                "-threads",
+                "1",
+                "-i",
+                str(path),
+                "-ac",
+                "1",
+                "-ar",
+                "16000",
+                "-f",
+                "f32le",
+                "-",
+            ],
+            capture_output=True,
+            check=True,
+        )
         report = out.stderr.decode(errors="replace")
         rtime = float(re.search(r"rtime=([\d.]+)s", report).group(1))  # type: ignore[union-attr]
         rss = int(re.search(r"maxrss=(\d+)kB", report).group(1))  # type: ignore[union-attr]
@@ -120,17 +158,23 @@ def main() -> None:
         rows.append({"format": name, "bytes": path.stat().st_size, "ting": ting, "ffmpeg": ff, "pool_s": pool[name]})
         print(f"{name:20s} ting {ting['best_s'] * 1000:7.1f} ms  ffmpeg {ff['best_s'] * 1000:7.1f} ms", flush=True)
     print()
-    print(f"30 s clips, one core ({platform.processor() or platform.machine()}, Python {platform.python_version()}). "
-          f"Best of {REPEATS}.")
+    print(
+        f"30 s clips, one core ({platform.processor() or platform.machine()}, Python {platform.python_version()}). "
+        f"Best of {REPEATS}."
+    )
     print()
-    print("| format | size KB | Ting ms | Ting × real time | ffmpeg CLI ms | ffmpeg × real time | Ting / ffmpeg time "
-          "| Ting peak RSS rise MB | ffmpeg peak RSS MB | worker-pool round trip ms |")
+    print(
+        "| format | size KB | Ting ms | Ting × real time | ffmpeg CLI ms | ffmpeg × real time | Ting / ffmpeg time "
+        "| Ting peak RSS rise MB | ffmpeg peak RSS MB | worker-pool round trip ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, f = r["ting"], r["ffmpeg"]
-        print(f"| {r['format']} | {r['bytes'] // 1024} | {t['best_s'] * 1000:.1f} | {CLIP_S / t['best_s']:.0f} | "
-              f"{f['best_s'] * 1000:.1f} | {CLIP_S / f['best_s']:.0f} | {t['best_s'] / f['best_s']:.2f} | "
-              f"{t['rss_rise_kb'] / 1024:.1f} | {f['rss_kb'] / 1024:.1f} | {r['pool_s'] * 1000:.1f} |")
+        print(
+            f"| {r['format']} | {r['bytes'] // 1024} | {t['best_s'] * 1000:.1f} | {CLIP_S / t['best_s']:.0f} | "
+            f"{f['best_s'] * 1000:.1f} | {CLIP_S / f['best_s']:.0f} | {t['best_s'] / f['best_s']:.2f} | "
+            f"{t['rss_rise_kb'] / 1024:.1f} | {f['rss_kb'] / 1024:.1f} | {r['pool_s'] * 1000:.1f} |"
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "decode.json").write_text(json.dumps({"machine": platform.processor(), "rows": rows}, indent=1))
 

@@ -39,8 +39,14 @@ from ting.engine import (
 from ting.types import AudioClip, AudioPart, Message, SamplingParams, TextPart
 
 OUT = Path(__file__).resolve().parent / "out"
-QUESTIONS = ["What is said in this audio?", "Describe the sound.", "What language is spoken?",
-             "Is the speaker happy or sad?", "Transcribe the speech.", "What instruments can you hear?"]
+QUESTIONS = [
+    "What is said in this audio?",
+    "Describe the sound.",
+    "What language is spoken?",
+    "Is the speaker happy or sad?",
+    "Transcribe the speech.",
+    "What instruments can you hear?",
+]
 
 
 @dataclass
@@ -53,7 +59,6 @@ class Result:
     ttft_s: list[float]
     decode_tok_s: list[float]  # per request, tokens after the first / time after the first
     peak_memory_gib: float = 0.0  # CPU: the process's peak RSS; CUDA: peak memory allocated by torch
-
 
     @property
     def throughput(self) -> float:
@@ -107,9 +112,17 @@ class Reference:
             return scores
 
         with self.lock, torch.inference_mode():
-            out = self.backend.model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                              do_sample=False, temperature=None, top_p=None, top_k=None,
-                                              repetition_penalty=1.0, logits_processor=[mark])
+            out = self.backend.model.generate(
+                **inputs,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=1.0,
+                logits_processor=[mark],
+            )
             if self.backend.device.type == "cuda":
                 torch.cuda.synchronize()
             done = time.perf_counter()
@@ -117,8 +130,15 @@ class Reference:
         return first[0] - submitted, done - first[0], produced
 
 
-async def drive(system: str, concurrency: int, per_client: int, seconds: float, max_tokens: int,
-                engine: Engine | None, reference: Reference | None) -> Result:
+async def drive(
+    system: str,
+    concurrency: int,
+    per_client: int,
+    seconds: float,
+    max_tokens: int,
+    engine: Engine | None,
+    reference: Reference | None,
+) -> Result:
     ttft: list[float] = []
     decode: list[float] = []
     total = 0
@@ -132,8 +152,9 @@ async def drive(system: str, concurrency: int, per_client: int, seconds: float, 
         else:
             assert engine is not None
             prompt = await engine.prepare(messages)
-            sampling = engine.resolve(SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=max_tokens,
-                                                     ignore_eos=True), prompt)
+            sampling = engine.resolve(
+                SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=max_tokens, ignore_eos=True), prompt
+            )
             produced, first_at = 0, None
             async for chunk in engine.generate(prompt, sampling):
                 produced += len(chunk.token_ids)
@@ -173,23 +194,31 @@ async def main() -> None:
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--audio-seconds", type=float, default=5.0)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--skip-reference-above", type=int, default=1_000_000,
-                        help="skip the (slow) reference at concurrency above this; its per-request cost is flat")
+    parser.add_argument(
+        "--skip-reference-above",
+        type=int,
+        default=1_000_000,
+        help="skip the (slow) reference at concurrency above this; its per-request cost is flat",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     preset = args.model in tiny.PRESETS
     path = prepare_model(args.model) if preset else Path(args.model)
     random_weights = preset and not tiny.PRESETS[args.model]["weights"]
     t0 = time.perf_counter()
-    backend = qwen2_audio.load(str(path), device=args.device, dtype=args.dtype, random_weights=random_weights,
-                               max_batch_size=max(levels))
+    backend = qwen2_audio.load(
+        str(path), device=args.device, dtype=args.dtype, random_weights=random_weights, max_batch_size=max(levels)
+    )
     load_s = time.perf_counter() - t0
     info = backend.describe()
-    print(f"# engine bench: {args.model} ({info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}) on "
-          f"{args.device}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
-          f"{args.per_client} requests per client; loaded in {load_s:.1f} s; "
-          f"{'peak memory' if args.device.startswith('cuda') else 'RSS'} after loading "
-          f"{peak_memory_gib(backend.device):.2f} GiB", flush=True)
+    print(
+        f"# engine bench: {args.model} ({info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}) on "
+        f"{args.device}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
+        f"{args.per_client} requests per client; loaded in {load_s:.1f} s; "
+        f"{'peak memory' if args.device.startswith('cuda') else 'RSS'} after loading "
+        f"{peak_memory_gib(backend.device):.2f} GiB",
+        flush=True,
+    )
     engine = Engine(backend, max_batch_size=max(levels), max_queue=10_000)
     engine.start()
     reference = Reference(backend)
@@ -203,32 +232,46 @@ async def main() -> None:
         ting = await drive("ting", c, args.per_client, args.audio_seconds, args.max_tokens, engine, None)
         rows.append((c, ref, ting))
         r = ref
-        print(f"C={c:>3}: reference {r.throughput if r else float('nan'):8.2f} tok/s, TTFT p50 "
-              f"{r.pct(50) if r else float('nan'):7.2f} s | ting {ting.throughput:8.2f} tok/s, TTFT p50 "
-              f"{ting.pct(50):7.2f} s | x{ting.throughput / r.throughput if r else float('nan'):.2f}", flush=True)
+        print(
+            f"C={c:>3}: reference {r.throughput if r else float('nan'):8.2f} tok/s, TTFT p50 "
+            f"{r.pct(50) if r else float('nan'):7.2f} s | ting {ting.throughput:8.2f} tok/s, TTFT p50 "
+            f"{ting.pct(50):7.2f} s | x{ting.throughput / r.throughput if r else float('nan'):.2f}",
+            flush=True,
+        )
     engine.stop()
     print()
-    print("| concurrency | reference tok/s | Ting tok/s | throughput × | reference TTFT p50 / p95 (s) | "
-          "Ting TTFT p50 / p95 (s) | TTFT p50 ratio | Ting decode tok/s per stream | "
-          "peak memory GiB reference / Ting |")
+    print(
+        "| concurrency | reference tok/s | Ting tok/s | throughput × | reference TTFT p50 / p95 (s) | "
+        "Ting TTFT p50 / p95 (s) | TTFT p50 ratio | Ting decode tok/s per stream | "
+        "peak memory GiB reference / Ting |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for c, ref, ting in rows:
         if ref is not None:
             ratio = ting.throughput / ref.throughput
-            print(f"| {c} | {ref.throughput:.2f} | {ting.throughput:.2f} | **{ratio:.2f}** | "
-                  f"{ref.pct(50):.2f} / {ref.pct(95):.2f} | {ting.pct(50):.2f} / {ting.pct(95):.2f} | "
-                  f"{ting.pct(50) / ref.pct(50):.2f} | {statistics.median(ting.decode_tok_s):.1f} | "
-                  f"{ref.peak_memory_gib:.2f} / {ting.peak_memory_gib:.2f} |")
+            print(
+                f"| {c} | {ref.throughput:.2f} | {ting.throughput:.2f} | **{ratio:.2f}** | "
+                f"{ref.pct(50):.2f} / {ref.pct(95):.2f} | {ting.pct(50):.2f} / {ting.pct(95):.2f} | "
+                f"{ting.pct(50) / ref.pct(50):.2f} | {statistics.median(ting.decode_tok_s):.1f} | "
+                f"{ref.peak_memory_gib:.2f} / {ting.peak_memory_gib:.2f} |"
+            )
         else:
-            print(f"| {c} | (skipped) | {ting.throughput:.2f} | – | – | {ting.pct(50):.2f} / {ting.pct(95):.2f} | – | "
-                  f"{statistics.median(ting.decode_tok_s):.1f} | – / {ting.peak_memory_gib:.2f} |")
+            print(
+                f"| {c} | (skipped) | {ting.throughput:.2f} | – | – | {ting.pct(50):.2f} / {ting.pct(95):.2f} | – | "
+                f"{statistics.median(ting.decode_tok_s):.1f} | – / {ting.peak_memory_gib:.2f} |"
+            )
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.device.startswith("cuda"):
         machine = torch.cuda.get_device_name() + f", torch {torch.__version__}"
-    record = {"model": args.model, "device": args.device, "machine": machine, "args": vars(args), "info": info,
-              "rows": [{"concurrency": c, "reference": asdict(r) if r else None, "ting": asdict(t)}
-                       for c, r, t in rows]}
+    record = {
+        "model": args.model,
+        "device": args.device,
+        "machine": machine,
+        "args": vars(args),
+        "info": info,
+        "rows": [{"concurrency": c, "reference": asdict(r) if r else None, "ting": asdict(t)} for c, r, t in rows],
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"engine-{args.model}-{args.device.replace(':', '')}.json").write_text(json.dumps(record, indent=1))
 

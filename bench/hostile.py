@@ -74,9 +74,26 @@ class Server:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         self.log = (home / "server.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ting", "serve", "--model", "tiny", "--home", str(home / "home"), "--host",
-             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+            [
+                sys.executable,
+                "-m",
+                "ting",
+                "serve",
+                "--model",
+                "tiny",
+                "--home",
+                str(home / "home"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -115,9 +132,11 @@ class Server:
 
 def ordinary_body(clip: bytes) -> dict[str, Any]:
     audio = "data:;base64," + base64.b64encode(clip).decode()
-    return {"model": "qwen-audio-turbo",
-            "input": {"messages": [{"role": "user", "content": [{"audio": audio}, {"text": "What is said?"}]}]},
-            "parameters": {"max_tokens": 4, "temperature": 0}}
+    return {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"audio": audio}, {"text": "What is said?"}]}]},
+        "parameters": {"max_tokens": 4, "temperature": 0},
+    }
 
 
 @dataclass
@@ -168,36 +187,67 @@ def huge_prompts(files: dict[str, Path]) -> list[Request]:
     text = "a" * (3 * 1024 * 1024)
     dashscope = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": text}]}]}}
     openai = {"model": "qwen-audio-turbo", "messages": [{"role": "user", "content": text}], "max_tokens": 4}
-    return [(GENERATION, {"content": json.dumps(dashscope).encode(), "headers": JSON}),
-            (OPENAI_CHAT, {"content": json.dumps(openai).encode(), "headers": JSON})]
+    return [
+        (GENERATION, {"content": json.dumps(dashscope).encode(), "headers": JSON}),
+        (OPENAI_CHAT, {"content": json.dumps(openai).encode(), "headers": JSON}),
+    ]
 
 
 def stop_lists(files: dict[str, Path]) -> list[Request]:
-    body = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": "Hi"}]}]},
-            "parameters": {"max_tokens": 64, "stop": [f"stop-{i}" for i in range(200_000)]}}
+    body = {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"text": "Hi"}]}]},
+        "parameters": {"max_tokens": 64, "stop": [f"stop-{i}" for i in range(200_000)]},
+    }
     return [(GENERATION, {"content": json.dumps(body).encode(), "headers": JSON})]
 
 
 def uploads(files: dict[str, Path]) -> list[Request]:
     blob = bytes(20 * 1024 * 1024)
-    form = {"policy": base64.b64encode(b'{"forged": true}').decode(), "Signature": "Zm9yZ2Vk",
-            "key": "dashscope-instant/x/y/z/a.wav", "OSSAccessKeyId": "ting", "success_action_status": "200"}
+    form = {
+        "policy": base64.b64encode(b'{"forged": true}').decode(),
+        "Signature": "Zm9yZ2Vk",
+        "key": "dashscope-instant/x/y/z/a.wav",
+        "OSSAccessKeyId": "ting",
+        "success_action_status": "200",
+    }
     return [(UPLOAD_HOST, {"data": form, "files": {"file": ("a.wav", blob)}})]  # no credentials
 
 
 def decode_bombs(files: dict[str, Path]) -> list[Request]:
-    return [(TRANSCRIPTIONS, {"data": {"model": "qwen-audio-turbo"}, "headers": AUTH,
-                              "files": {"file": (files[name].name, files[name].read_bytes())}})
-            for name in ("opus_2h", "mp3_2h", "wav_52min")]
+    return [
+        (
+            TRANSCRIPTIONS,
+            {
+                "data": {"model": "qwen-audio-turbo"},
+                "headers": AUTH,
+                "files": {"file": (files[name].name, files[name].read_bytes())},
+            },
+        )
+        for name in ("opus_2h", "mp3_2h", "wav_52min")
+    ]
 
 
 BUILDERS: dict[str, Callable[[dict[str, Path]], list[Request]]] = {
-    "huge_prompts": huge_prompts, "stop_lists": stop_lists, "uploads": uploads, "decode_bombs": decode_bombs}
+    "huge_prompts": huge_prompts,
+    "stop_lists": stop_lists,
+    "uploads": uploads,
+    "decode_bombs": decode_bombs,
+}
 CONCURRENCY = {"huge_prompts": 8, "stop_lists": 8, "uploads": 4, "decode_bombs": 4}
 
 
-def run_load(name: str, url: str, files: dict[str, Path], stop: Any, ready: Any, report: Any, max_requests: int,
-             max_s: float, idle_sockets: int) -> None:
+def run_load(
+    name: str,
+    url: str,
+    files: dict[str, Path],
+    stop: Any,
+    ready: Any,
+    report: Any,
+    max_requests: int,
+    max_s: float,
+    idle_sockets: int,
+) -> None:
     """The body of a load process: send hostile requests (or hold idle sockets) until told to stop, or bounded."""
     if name == "idle_sockets":
         _hold_idle_sockets(url, idle_sockets, stop, ready, report, max_s)
@@ -206,8 +256,16 @@ def run_load(name: str, url: str, files: dict[str, Path], stop: Any, ready: Any,
     asyncio.run(_flood(url, requests, CONCURRENCY[name], stop, ready, report, max_requests, max_s))
 
 
-async def _flood(url: str, requests: list[Request], concurrency: int, stop: Any, ready: Any, report: Any,
-                 max_requests: int, max_s: float) -> None:
+async def _flood(
+    url: str,
+    requests: list[Request],
+    concurrency: int,
+    stop: Any,
+    ready: Any,
+    report: Any,
+    max_requests: int,
+    max_s: float,
+) -> None:
     deadline = time.monotonic() + max_s
     statuses: dict[str, int] = {}
     sent = 0
@@ -270,16 +328,26 @@ def make_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def phase(name: str, server: Server, body: dict[str, Any], files: dict[str, Path],
-          args: argparse.Namespace) -> Latencies:
+def phase(
+    name: str, server: Server, body: dict[str, Any], files: dict[str, Path], args: argparse.Namespace
+) -> Latencies:
     if name.startswith("idle"):
         latencies, failed = measure(server.url, body, args.requests, args.timeout_s)
-        return Latencies(name, len(latencies), failed, percentile(latencies, 0.5), percentile(latencies, 0.99),
-                         server_rss_mib=server.rss_mib())
+        return Latencies(
+            name,
+            len(latencies),
+            failed,
+            percentile(latencies, 0.5),
+            percentile(latencies, 0.99),
+            server_rss_mib=server.rss_mib(),
+        )
     ctx = multiprocessing.get_context("spawn")
     stop, ready, report = ctx.Event(), ctx.Event(), ctx.Queue()
-    load = ctx.Process(target=run_load, args=(name, server.url, files, stop, ready, report, args.max_hostile,
-                                              args.max_phase_s, args.idle_sockets), daemon=True)
+    load = ctx.Process(
+        target=run_load,
+        args=(name, server.url, files, stop, ready, report, args.max_hostile, args.max_phase_s, args.idle_sockets),
+        daemon=True,
+    )
     load.start()
     ready.wait(args.max_phase_s)
     time.sleep(args.warmup_s)  # the load is in full flight
@@ -294,8 +362,16 @@ def phase(name: str, server: Server, body: dict[str, Any], files: dict[str, Path
     if load.is_alive():
         load.kill()
     _quiet(server)
-    return Latencies(name, len(latencies), failed, percentile(latencies, 0.5), percentile(latencies, 0.99), sent,
-                     ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())), rss)
+    return Latencies(
+        name,
+        len(latencies),
+        failed,
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        sent,
+        ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+        rss,
+    )
 
 
 def _quiet(server: Server, timeout_s: float = 60.0) -> None:
@@ -312,15 +388,19 @@ def _quiet(server: Server, timeout_s: float = 60.0) -> None:
 
 def table(rows: list[Latencies]) -> str:
     idle = rows[0].p99_s
-    lines = ["| load | ordinary ok / failed | p50 (s) | p99 (s) | p99 / idle p99 | within 2x | hostile requests "
-             "(statuses) | server RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| load | ordinary ok / failed | p50 (s) | p99 (s) | p99 / idle p99 | within 2x | hostile requests "
+        "(statuses) | server RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = r.p99_s / idle if idle else float("nan")
         within = "yes" if r.failed == 0 and ratio <= TARGET_RATIO else "**no**"
         hostile = f"{r.hostile_sent} ({r.hostile_statuses})" if r.hostile_statuses else "–"
-        lines.append(f"| {r.load} | {r.ok} / {r.failed} | {r.p50_s:.3f} | {r.p99_s:.3f} | {ratio:.2f} | {within} | "
-                     f"{hostile} | {r.server_rss_mib:.0f} |")
+        lines.append(
+            f"| {r.load} | {r.ok} / {r.failed} | {r.p50_s:.3f} | {r.p99_s:.3f} | {ratio:.2f} | {within} | "
+            f"{hostile} | {r.server_rss_mib:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -357,9 +437,16 @@ def main() -> None:
             server.stop()
     print(table(rows))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "hostile.json").write_text(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "settings": vars(args), "rows": [asdict(r) for r in rows]}, indent=2))
+    (OUT / "hostile.json").write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "settings": vars(args),
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

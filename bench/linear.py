@@ -24,8 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from ting.engine.qwen2_audio import blocked_linear, chunked_linear
 
-SHAPES = {"q/k/v/o projection": (4096, 4096), "MLP up/gate": (11008, 4096), "MLP down": (4096, 11008),
-          "lm_head": (156032, 4096)}
+SHAPES = {
+    "q/k/v/o projection": (4096, 4096),
+    "MLP up/gate": (11008, 4096),
+    "MLP down": (4096, 11008),
+    "lm_head": (156032, 4096),
+}
 ROWS = (1, 4, 16, 64)
 
 
@@ -41,8 +45,10 @@ def timed(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, float32; ms per product (median of 20), speed-up over plain")
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, float32; ms per product (median of 20), speed-up over plain"
+    )
     print()
     print("| weight | rows | plain ms | chunked ms | blocked ms | chunked × | blocked × |")
     print("|---|---|---|---|---|---|---|")
@@ -58,8 +64,11 @@ def main() -> None:
                 plain_ms = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w))
                 chunked_ms = timed(lambda x=x, w=w: chunked_linear(x, w))
                 blocked_ms = timed(lambda x=x, packed=packed: blocked_linear(x, packed))
-                print(f"| {name} {out_f}×{in_f} | {rows} | {plain_ms:.2f} | {chunked_ms:.2f} | {blocked_ms:.2f} | "
-                      f"{plain_ms / chunked_ms:.2f} | {plain_ms / blocked_ms:.2f} |", flush=True)
+                print(
+                    f"| {name} {out_f}×{in_f} | {rows} | {plain_ms:.2f} | {chunked_ms:.2f} | {blocked_ms:.2f} | "
+                    f"{plain_ms / chunked_ms:.2f} | {plain_ms / blocked_ms:.2f} |",
+                    flush=True,
+                )
             del w, packed
 
 

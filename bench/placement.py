@@ -60,8 +60,10 @@ def main() -> None:
         enc = median_ms(lambda p=prompt: wire.encode_add(1, "r", p, _sampling()), args.repeats)
         dec = median_ms(lambda f=frames: wire.decode_add(f), args.repeats)
         full = prompt.inputs["input_features"].numel() * 4
-        print(f"prepare {seconds:4.1f} s clip: {ms:6.2f} ms | ADD message {size / 1024:7.1f} KiB (full window "
-              f"{full / 1024:.0f} KiB), encode {enc:.3f} ms, decode {dec:.3f} ms")
+        print(
+            f"prepare {seconds:4.1f} s clip: {ms:6.2f} ms | ADD message {size / 1024:7.1f} KiB (full window "
+            f"{full / 1024:.0f} KiB), encode {enc:.3f} ms, decode {dec:.3f} ms"
+        )
     backend = load(str(path), random_weights=args.model != "tiny", max_batch_size=16)
     text = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * 8
     ids = backend.tokenizer.encode(text)[:256]
@@ -92,13 +94,19 @@ def main() -> None:
     engine.stop()
     chunk = GenerationChunk(text="狐狸", token_ids=(1234,), finish_reason=None, usage=Usage(30, 65, 12))
     message = [wire.STEP, wire.pack([[16, 0, 10, 100, 0], [wire.encode_chunk(i, chunk) for i in range(16)], []])]
-    step_enc = median_ms(lambda: wire.pack([[16, 0, 10, 100, 0], [wire.encode_chunk(i, chunk) for i in range(16)],
-                                            []]), args.repeats * 10)
+    step_enc = median_ms(
+        lambda: wire.pack([[16, 0, 10, 100, 0], [wire.encode_chunk(i, chunk) for i in range(16)], []]),
+        args.repeats * 10,
+    )
     step_dec = median_ms(lambda: [wire.decode_chunk(c) for c in wire.unpack(message[1])[1]], args.repeats * 10)
-    print(f"detokenize: {per_token_us:.1f} µs per token -> {16 * per_token_us / 1000:.2f} ms per step of 16 rows; "
-          f"a decoding step of 16 rows (prefills included): {step_ms:.1f} ms")
-    print(f"STEP message of 16 rows: {len(message[1])} bytes, encode {step_enc * 1000:.0f} µs, "
-          f"decode {step_dec * 1000:.0f} µs")
+    print(
+        f"detokenize: {per_token_us:.1f} µs per token -> {16 * per_token_us / 1000:.2f} ms per step of 16 rows; "
+        f"a decoding step of 16 rows (prefills included): {step_ms:.1f} ms"
+    )
+    print(
+        f"STEP message of 16 rows: {len(message[1])} bytes, encode {step_enc * 1000:.0f} µs, "
+        f"decode {step_dec * 1000:.0f} µs"
+    )
     payload = np.random.default_rng(0).integers(0, 256, 10 * 2**20 * 3 // 4, dtype=np.uint8).tobytes()
     uri = "data:audio/wav;base64," + base64.b64encode(payload).decode()
     b64 = median_ms(lambda: parse_data_uri(uri, max_bytes=11 * 2**20), max(3, args.repeats // 4))
@@ -108,8 +116,19 @@ def main() -> None:
 def _sampling():  # type: ignore[no-untyped-def]
     from ting.engine.backend import Sampling
 
-    return Sampling(max_tokens=48, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, presence_penalty=0,
-                    frequency_penalty=0, seed=1, stop=(), stop_token_ids=frozenset(), ignore_eos=False)
+    return Sampling(
+        max_tokens=48,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        presence_penalty=0,
+        frequency_penalty=0,
+        seed=1,
+        stop=(),
+        stop_token_ids=frozenset(),
+        ignore_eos=False,
+    )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def requests_for(n: int, seconds: float) -> list[tuple[str, tuple[Message, ...]]
         samples = make_request(i, seconds)[0].parts[0].clip.samples
         pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
         clip = AudioClip(samples=pcm, duration_s=seconds, truncated=False, container="wav", codec="pcm_s16le")
-        out.append((wav_uri(samples), (Message("user", (AudioPart("bench", clip),
-                                                         TextPart(QUESTIONS[i % len(QUESTIONS)]))),)))
+        out.append(
+            (wav_uri(samples), (Message("user", (AudioPart("bench", clip), TextPart(QUESTIONS[i % len(QUESTIONS)]))),))
+        )
     return out
 
 
@@ -130,16 +131,30 @@ async def run_in_process(engine: Engine, reqs: list[Any], c: int, per_client: in
     return Result("in-process", c, c * per_client, tokens, wall, ttft)
 
 
-async def run_http(url: str, system: str, reqs: list[Any], c: int, per_client: int, max_tokens: int,
-                   stream: bool) -> Result:
+async def run_http(
+    url: str, system: str, reqs: list[Any], c: int, per_client: int, max_tokens: int, stream: bool
+) -> Result:
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def one(i: int) -> tuple[int, float | None]:
-            body = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
-                {"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}]}]},
-                "parameters": {"max_tokens": max_tokens, "temperature": 0, "repetition_penalty": 1.0,
-                               "incremental_output": True}}
+            body = {
+                "model": "qwen-audio-turbo",
+                "input": {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}],
+                        }
+                    ]
+                },
+                "parameters": {
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "repetition_penalty": 1.0,
+                    "incremental_output": True,
+                },
+            }
             headers = {"Authorization": "Bearer bench"}
             submitted = time.perf_counter()
             if not stream:
@@ -147,8 +162,9 @@ async def run_http(url: str, system: str, reqs: list[Any], c: int, per_client: i
                 r.raise_for_status()
                 return r.json()["usage"]["output_tokens"], None
             first, usage = None, 0
-            async with client.stream("POST", GENERATION, json=body,
-                                     headers={**headers, "X-DashScope-SSE": "enable"}) as r:
+            async with client.stream(
+                "POST", GENERATION, json=body, headers={**headers, "X-DashScope-SSE": "enable"}
+            ) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("event:error"):
@@ -174,11 +190,30 @@ class Server:
     def __init__(self, path: Path, home: Path, *, dummy: bool, slots: int, engine_process: bool) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TING_TEST_BACKEND_WRAPPER": "server:no_eos",
-               "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-        args = [sys.executable, "-m", "ting", "serve", "--model", str(path), "--port", str(self.port), "--home",
-                str(home), "--max-batch-size", str(slots), "--max-queue", "10000", "--log-level", "warning",
-                "--engine-process" if engine_process else "--no-engine-process"]
+        env = {
+            **os.environ,
+            "TING_TEST_BACKEND_WRAPPER": "server:no_eos",
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+        }
+        args = [
+            sys.executable,
+            "-m",
+            "ting",
+            "serve",
+            "--model",
+            str(path),
+            "--port",
+            str(self.port),
+            "--home",
+            str(home),
+            "--max-batch-size",
+            str(slots),
+            "--max-queue",
+            "10000",
+            "--log-level",
+            "warning",
+            "--engine-process" if engine_process else "--no-engine-process",
+        ]
         if dummy:
             args += ["--load-format", "dummy"]
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
@@ -212,8 +247,11 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--audio-seconds", type=float, default=2.6)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--before", action="store_true",
-                        help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)")
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     slots = max(levels)
@@ -222,8 +260,11 @@ def main() -> None:
     dummy = preset and not tiny.PRESETS[args.model]["weights"]
     reqs = requests_for(max(levels) * args.per_client, args.audio_seconds)
     results: dict[tuple[str, int], Result] = {}
-    print(f"# server bench: {args.model}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
-          f"{args.per_client} requests per client", flush=True)
+    print(
+        f"# server bench: {args.model}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
+        f"{args.per_client} requests per client",
+        flush=True,
+    )
 
     backend = qwen2_audio.load(str(path), random_weights=dummy, max_batch_size=slots)
     engine = Engine(backend, max_batch_size=slots, max_queue=10_000)
@@ -246,17 +287,16 @@ def main() -> None:
                 for c in levels:
                     for stream in (True, False):
                         system = f"{prefix}-{'stream' if stream else 'plain'}"
-                        r = asyncio.run(run_http(server.url, system, reqs, c, args.per_client, args.max_tokens,
-                                                 stream))
+                        r = asyncio.run(run_http(server.url, system, reqs, c, args.per_client, args.max_tokens, stream))
                         results[system, c] = r
-                        print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms",
-                              flush=True)
+                        print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
             finally:
                 server.stop()
     print_table(results, levels, [p for p, _ in servers])
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"server-{args.model}.json").write_text(json.dumps(
-        {"args": vars(args), "results": [asdict(r) for r in results.values()]}, indent=1))
+    (OUT / f"server-{args.model}.json").write_text(
+        json.dumps({"args": vars(args), "results": [asdict(r) for r in results.values()]}, indent=1)
+    )
 
 
 def print_table(results: dict[tuple[str, int], Result], levels: list[int], prefixes: list[str]) -> None:
@@ -264,8 +304,10 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int], prefi
     head = "| C | in-process tok/s | in-process TTFT p50 / p95 (ms) |"
     rule = "|---|---|---|"
     for p in prefixes:
-        head += f" {p}-stream tok/s (ratio) | {p}-stream TTFT p50 / p95 (ms) | added TTFT p50 (ms) | " \
-                f"{p}-plain tok/s (ratio) |"
+        head += (
+            f" {p}-stream tok/s (ratio) | {p}-stream TTFT p50 / p95 (ms) | added TTFT p50 (ms) | "
+            f"{p}-plain tok/s (ratio) |"
+        )
         rule += "---|---|---|---|"
     print(head)
     print(rule)
@@ -274,9 +316,11 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int], prefi
         row = f"| {c} | {base.throughput:.1f} | {base.pct_ms(50):.0f} / {base.pct_ms(95):.0f} |"
         for p in prefixes:
             s, n = results[f"{p}-stream", c], results[f"{p}-plain", c]
-            row += (f" {s.throughput:.1f} (**{s.throughput / base.throughput:.2f}**) | {s.pct_ms(50):.0f} / "
-                    f"{s.pct_ms(95):.0f} | {s.pct_ms(50) - base.pct_ms(50):.0f} | {n.throughput:.1f} "
-                    f"({n.throughput / base.throughput:.2f}) |")
+            row += (
+                f" {s.throughput:.1f} (**{s.throughput / base.throughput:.2f}**) | {s.pct_ms(50):.0f} / "
+                f"{s.pct_ms(95):.0f} | {s.pct_ms(50) - base.pct_ms(50):.0f} | {n.throughput:.1f} "
+                f"({n.throughput / base.throughput:.2f}) |"
+            )
         print(row)
 
 

@@ -52,8 +52,11 @@ def wav_duration(path: Path) -> float:
 
 
 def ffmpeg(src: Path, dst: Path, *args: str) -> Path:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(src), *args, str(dst)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(src), *args, str(dst)],
+        check=True,
+        capture_output=True,
+    )
     return dst
 
 
@@ -78,8 +81,13 @@ def amr_wb_encode(src: Path, dst: Path, mode: int = 8) -> Path:
     """AMR-WB (RFC 4867 storage format) through libvo-amrwbenc's E_IF_* API, 320 samples per 20 ms frame."""
     lib = ctypes.CDLL(ctypes.util.find_library("vo-amrwbenc") or "libvo-amrwbenc.so.0")
     lib.E_IF_init.restype = ctypes.c_void_p
-    lib.E_IF_encode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_short),
-                                ctypes.POINTER(ctypes.c_ubyte), ctypes.c_int]
+    lib.E_IF_encode.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_short),
+        ctypes.POINTER(ctypes.c_ubyte),
+        ctypes.c_int,
+    ]
     lib.E_IF_exit.argtypes = [ctypes.c_void_p]
     pcm = read_pcm16k(src)
     pcm = np.concatenate([pcm, np.zeros(-len(pcm) % 320, dtype=np.int16)])
@@ -87,7 +95,7 @@ def amr_wb_encode(src: Path, dst: Path, mode: int = 8) -> Path:
     out = bytearray(b"#!AMR-WB\n")
     buf = (ctypes.c_ubyte * 64)()
     for i in range(0, len(pcm), 320):
-        frame = np.ascontiguousarray(pcm[i:i + 320])
+        frame = np.ascontiguousarray(pcm[i : i + 320])
         n = lib.E_IF_encode(state, mode, frame.ctypes.data_as(ctypes.POINTER(ctypes.c_short)), buf, 0)
         out += bytes(buf[:n])
     lib.E_IF_exit(state)
@@ -96,8 +104,25 @@ def amr_wb_encode(src: Path, dst: Path, mode: int = 8) -> Path:
 
 
 def read_pcm16k(src: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(src), "-ac", "1", "-ar", "16000",
-                          "-f", "s16le", "-"], check=True, capture_output=True).stdout
+    raw = subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(src),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-f",
+            "s16le",
+            "-",
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
     return np.frombuffer(raw, dtype=np.int16)
 
 
@@ -122,8 +147,16 @@ def wav_header(*, rate: int, channels: int, bits: int = 16, data_bytes: int, rif
     block = channels * bits // 8
     fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bits)
     riff = riff_bytes if riff_bytes is not None else 36 + data_bytes
-    return (b"RIFF" + struct.pack("<I", riff & 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", data_bytes & 0xFFFFFFFF))
+    return (
+        b"RIFF"
+        + struct.pack("<I", riff & 0xFFFFFFFF)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", data_bytes & 0xFFFFFFFF)
+    )
 
 
 Builder = Callable[[Path, Path], Path]
@@ -135,28 +168,52 @@ FORMATS: dict[str, tuple[Builder, str, str, float]] = {
     "wav_pcm_s24": (lambda s, d: ffmpeg(s, d, "-c:a", "pcm_s24le", "-f", "wav"), "wav", "pcm_s24le", 0.005),
     "wav_pcm_s32": (lambda s, d: ffmpeg(s, d, "-c:a", "pcm_s32le", "-f", "wav"), "wav", "pcm_s32le", 0.005),
     "wav_pcm_f32": (lambda s, d: ffmpeg(s, d, "-c:a", "pcm_f32le", "-f", "wav"), "wav", "pcm_f32le", 0.005),
-    "wav_stereo_44k": (lambda s, d: ffmpeg(s, d, "-ac", "2", "-ar", "44100", "-c:a", "pcm_s16le", "-f", "wav"), "wav",
-                       "pcm_s16le", 0.005),
-    "wav_stereo_48k_f32": (lambda s, d: ffmpeg(s, d, "-ac", "2", "-ar", "48000", "-c:a", "pcm_f32le", "-f", "wav"),
-                           "wav", "pcm_f32le", 0.005),
+    "wav_stereo_44k": (
+        lambda s, d: ffmpeg(s, d, "-ac", "2", "-ar", "44100", "-c:a", "pcm_s16le", "-f", "wav"),
+        "wav",
+        "pcm_s16le",
+        0.005,
+    ),
+    "wav_stereo_48k_f32": (
+        lambda s, d: ffmpeg(s, d, "-ac", "2", "-ar", "48000", "-c:a", "pcm_f32le", "-f", "wav"),
+        "wav",
+        "pcm_f32le",
+        0.005,
+    ),
     "wav_8k": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_s16le", "-f", "wav"), "wav", "pcm_s16le", 0.005),
-    "wav_mulaw": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_mulaw", "-f", "wav"), "wav", "pcm_mulaw",
-                  0.005),
+    "wav_mulaw": (
+        lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_mulaw", "-f", "wav"),
+        "wav",
+        "pcm_mulaw",
+        0.005,
+    ),
     "wav_alaw": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-c:a", "pcm_alaw", "-f", "wav"), "wav", "pcm_alaw", 0.005),
-    "wav_gsm_ms": (lambda s, d: ffmpeg(s, d, "-ar", "8000", "-ac", "1", "-c:a", "libgsm_ms", "-f", "wav"), "wav",
-                   "gsm_ms", 0.045),  # 40 ms GSM blocks
+    "wav_gsm_ms": (
+        lambda s, d: ffmpeg(s, d, "-ar", "8000", "-ac", "1", "-c:a", "libgsm_ms", "-f", "wav"),
+        "wav",
+        "gsm_ms",
+        0.045,
+    ),  # 40 ms GSM blocks
     "amr_nb": (lambda s, d: pyav_encode(s, d, "amr", "libopencore_amrnb", 8000, 12200), "amr", "amr_nb", 0.025),
     "amr_wb": (lambda s, d: amr_wb_encode(s, d), "amr", "amr_wb", 0.025),
-    "3gp_amr_nb": (lambda s, d: pyav_encode(s, d, "3gp", "libopencore_amrnb", 8000, 12200), "mov", "amr_nb",
-                   0.025),
+    "3gp_amr_nb": (lambda s, d: pyav_encode(s, d, "3gp", "libopencore_amrnb", 8000, 12200), "mov", "amr_nb", 0.025),
     "3gpp_aac": (lambda s, d: ffmpeg(s, d, "-c:a", "aac", "-f", "3gp"), "mov", "aac", 0.025),
-
-    "aac_adts": (lambda s, d: ffmpeg(s, d, "-c:a", "aac", "-f", "adts"), "aac", "aac",
-                 0.090),  # ADTS records neither the encoder priming nor the end padding
+    "aac_adts": (
+        lambda s, d: ffmpeg(s, d, "-c:a", "aac", "-f", "adts"),
+        "aac",
+        "aac",
+        0.090,
+    ),  # ADTS records neither the encoder priming nor the end padding
     "m4a_aac": (lambda s, d: ffmpeg(s, d, "-c:a", "aac", "-f", "ipod"), "mov", "aac", 0.025),
     "mp3_cbr": (lambda s, d: ffmpeg(s, d, "-c:a", "libmp3lame", "-b:a", "64k", "-f", "mp3"), "mp3", "mp3", 0.025),
-    "mp3_vbr_id3": (lambda s, d: ffmpeg(s, d, "-c:a", "libmp3lame", "-q:a", "5", "-metadata", "title=Ting test",
-                                        "-id3v2_version", "4", "-f", "mp3"), "mp3", "mp3", 0.025),
+    "mp3_vbr_id3": (
+        lambda s, d: ffmpeg(
+            s, d, "-c:a", "libmp3lame", "-q:a", "5", "-metadata", "title=Ting test", "-id3v2_version", "4", "-f", "mp3"
+        ),
+        "mp3",
+        "mp3",
+        0.025,
+    ),
     "flac": (lambda s, d: ffmpeg(s, d, "-c:a", "flac", "-f", "flac"), "flac", "flac", 0.005),
     "ogg_vorbis": (lambda s, d: ffmpeg(s, d, "-c:a", "libvorbis", "-f", "ogg"), "ogg", "vorbis", 0.025),
     "ogg_opus": (lambda s, d: ffmpeg(s, d, "-c:a", "libopus", "-f", "ogg"), "ogg", "opus", 0.025),
@@ -167,9 +224,35 @@ FORMATS: dict[str, tuple[Builder, str, str, float]] = {
 
 def _video(src: Path, dst: Path) -> Path:
     """An MP4 with an H.264 video track and the speech as its AAC audio track."""
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc=size=64x64:rate=10", "-i", str(src), "-shortest", "-map", "0:v", "-map", "1:a",
-                    "-c:v", "libx264", "-c:a", "aac", "-f", "mp4", str(dst)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x64:rate=10",
+            "-i",
+            str(src),
+            "-shortest",
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-c:v",
+            "libx264",
+            "-c:a",
+            "aac",
+            "-f",
+            "mp4",
+            str(dst),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return dst
 
 
@@ -196,13 +279,31 @@ def long_recordings(directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     ten = write_wav(directory / "ten.wav", tone(10.0))
     opus = ffmpeg(ten, directory / "ten.opus", "-c:a", "libopus", "-b:a", "6k")
-    mp3 = ffmpeg(ten, directory / "ten.mp3", "-c:a", "libmp3lame", "-b:a", "8k", "-ar", "8000", "-write_xing", "0",
-                 "-id3v2_version", "0", "-f", "mp3")
+    mp3 = ffmpeg(
+        ten,
+        directory / "ten.mp3",
+        "-c:a",
+        "libmp3lame",
+        "-b:a",
+        "8k",
+        "-ar",
+        "8000",
+        "-write_xing",
+        "0",
+        "-id3v2_version",
+        "0",
+        "-f",
+        "mp3",
+    )
     out = {"opus_2h": directory / "2h.opus", "mp3_2h": directory / "2h.mp3", "webm_11min": directory / "11min.webm"}
     loop = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-stream_loop"]
     subprocess.run([*loop, "719", "-i", str(opus), "-c", "copy", str(out["opus_2h"])], check=True, capture_output=True)
     with out["webm_11min"].open("wb") as piped:
-        subprocess.run([*loop, "65", "-i", str(opus), "-c", "copy", "-f", "webm", "pipe:1"], check=True,
-                       stdout=piped, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*loop, "65", "-i", str(opus), "-c", "copy", "-f", "webm", "pipe:1"],
+            check=True,
+            stdout=piped,
+            stderr=subprocess.DEVNULL,
+        )
     out["mp3_2h"].write_bytes(mp3.read_bytes() * 720)
     return out

@@ -65,8 +65,12 @@ class Origin:
 
 async def send(writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
     hdrs = {"Content-Length": str(len(body)), "Connection": "close", **(headers or {})}
-    writer.write(f"HTTP/1.1 {status} X\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()).encode()
-                 + b"\r\n" + body)
+    writer.write(
+        f"HTTP/1.1 {status} X\r\n".encode()
+        + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()).encode()
+        + b"\r\n"
+        + body
+    )
     await writer.drain()
 
 

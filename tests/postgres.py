@@ -41,13 +41,16 @@ def temporary_server() -> Iterator[str]:
     run = dict(check=True, capture_output=True, cwd=root, **as_postgres)
     subprocess.run([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], **run)
     options = f"-p {port} -h 127.0.0.1 -k {sockets} -c fsync=off -c max_connections=300"
-    subprocess.run([f"{bindir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "-t", "60",
-                    "start"], **run)
+    subprocess.run(
+        [f"{bindir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "-t", "60", "start"],
+        **run,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True, cwd=root,
-                       **as_postgres)
+        subprocess.run(
+            [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True, cwd=root, **as_postgres
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 

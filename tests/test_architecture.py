@@ -17,15 +17,24 @@ def test_imports_point_down_and_heavy_things_have_one_home() -> None:
 
 
 def test_every_command_explains_itself() -> None:
-    for args in (["--help"], ["serve", "--help"], ["tiny-model", "--help"], ["keys", "--help"],
-                 ["keys", "create", "--help"]):
+    for args in (
+        ["--help"],
+        ["serve", "--help"],
+        ["tiny-model", "--help"],
+        ["keys", "--help"],
+        ["keys", "create", "--help"],
+    ):
         out = subprocess.run([sys.executable, "-m", "ting", *args], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "usage: ting" in out.stdout, (args, out.stderr)
 
 
 def test_the_code_is_lint_clean() -> None:
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "bench"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -34,3 +43,13 @@ def test_the_code_type_checks_strictly() -> None:
     out = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found" in out.stdout
+
+
+def test_the_code_is_formatted() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "src", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -41,7 +41,9 @@ class Serve:
         self.err = self.out.with_suffix(".err")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ting", "serve", "--port", str(self.port), *args],
-            stdout=self.out.open("w"), stderr=self.err.open("w"), env={**os.environ, **(env or {})},
+            stdout=self.out.open("w"),
+            stderr=self.err.open("w"),
+            env={**os.environ, **(env or {})},
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -65,8 +67,11 @@ class Serve:
 
 
 def body(wav: str, max_tokens: int, **parameters: Any) -> dict[str, Any]:
-    return {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
-        {"audio": wav}, {"text": "What is said?"}]}]}, "parameters": {"max_tokens": max_tokens, **parameters}}
+    return {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"audio": wav}, {"text": "What is said?"}]}]},
+        "parameters": {"max_tokens": max_tokens, **parameters},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +91,9 @@ def test_startup_says_where_and_what_then_shuts_down_gracefully(tiny_dir: Path, 
 
     def stream() -> None:
         headers = {"Authorization": "Bearer k", "X-DashScope-SSE": "enable"}
-        with httpx.stream("POST", serve.url + GENERATION, json=body(wav, 300, seed=1, temperature=1.0),
-                          headers=headers, timeout=120) as r:
+        with httpx.stream(
+            "POST", serve.url + GENERATION, json=body(wav, 300, seed=1, temperature=1.0), headers=headers, timeout=120
+        ) as r:
             events.extend(line for line in r.iter_lines() if line.startswith("data:"))
 
     reader = threading.Thread(target=stream)
@@ -106,9 +112,25 @@ def test_startup_says_where_and_what_then_shuts_down_gracefully(tiny_dir: Path, 
 
 
 def test_it_will_not_listen_beyond_loopback_without_a_key(tiny_dir: Path, tmp_path: Path) -> None:
-    refused = subprocess.run([sys.executable, "-m", "ting", "serve", "--model", str(tiny_dir), "--host", "0.0.0.0",
-                              "--port", str(free_port()), "--home", str(tmp_path)], capture_output=True, text=True,
-                             timeout=60)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ting",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--home",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "refusing to listen on 0.0.0.0 with no API key" in refused.stderr
     for extra in (["--api-key", "sk-x"], ["--allow-no-auth"]):
         serve = Serve(tmp_path, "--model", str(tiny_dir), "--host", "0.0.0.0", "--home", str(tmp_path), *extra)
@@ -120,9 +142,25 @@ def test_it_will_not_listen_beyond_loopback_without_a_key(tiny_dir: Path, tmp_pa
 def test_an_empty_host_is_every_interface_not_loopback(tiny_dir: Path, tmp_path: Path, how: str) -> None:
     args = ["--host", ""] if how == "flag" else []
     env = {**os.environ, "TING_HOST": ""}
-    refused = subprocess.run([sys.executable, "-m", "ting", "serve", "--model", str(tiny_dir), *args,
-                              "--port", str(free_port()), "--home", str(tmp_path)], capture_output=True, text=True,
-                             timeout=60, env=env)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ting",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            *args,
+            "--port",
+            str(free_port()),
+            "--home",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert refused.returncode == 2 and "refusing to listen on every interface" in refused.stderr
 
 
@@ -136,19 +174,29 @@ def test_an_ipv4_mapped_loopback_host_is_loopback(tiny_dir: Path, tmp_path: Path
 def test_absent_weights_offline_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "ting", "serve", "--model", "Qwen/Qwen2-Audio-7B-Instruct",
-                          "--home", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "ting", "serve", "--model", "Qwen/Qwen2-Audio-7B-Instruct", "--home", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 1 and time.monotonic() - started < 30
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "not in the local Hugging Face cache" in lines[0] and "hf download" in lines[0]
 
 
-def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(tiny_dir: Path, tmp_path: Path, wav: str,
-                                                                database_url: str) -> None:
+def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(
+    tiny_dir: Path, tmp_path: Path, wav: str, database_url: str
+) -> None:
     home = tmp_path / "home"
     common = ["--home", str(home), "--database", database_url]
-    created = subprocess.run([sys.executable, "-m", "ting", "keys", "create", "--name", "crash", "--quota-tokens",
-                              "0", *common], capture_output=True, text=True, check=True)
+    created = subprocess.run(
+        [sys.executable, "-m", "ting", "keys", "create", "--name", "crash", "--quota-tokens", "0", *common],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = created.stdout.strip()
     seen: dict[str, bool] = {}  # request id -> the client saw it finish
     lock = threading.Lock()
@@ -159,8 +207,9 @@ def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(tiny_dir: Path,
     def one(url: str, n: int) -> None:
         headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
         try:
-            with httpx.stream("POST", url + GENERATION, json=body(wav, n, temperature=1.0), headers=headers,
-                              timeout=60) as r:
+            with httpx.stream(
+                "POST", url + GENERATION, json=body(wav, n, temperature=1.0), headers=headers, timeout=60
+            ) as r:
                 rid = r.headers["x-request-id"]
                 with lock:
                     seen.setdefault(rid, False)
@@ -224,8 +273,9 @@ def test_kill_minus_nine_five_times_loses_and_duplicates_nothing(tiny_dir: Path,
     assert all(key.encode() not in p.read_bytes() for p in db_files)
 
 
-def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each(tiny_dir: Path, tmp_path: Path,
-                                                                                 wav: str) -> None:
+def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each(
+    tiny_dir: Path, tmp_path: Path, wav: str
+) -> None:
     home = tmp_path / "home"
     serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(home), "--drain-timeout-s", "1")
     serve.wait_ready()
@@ -233,8 +283,9 @@ def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each
 
     def stream(i: int) -> None:
         headers = {"Authorization": "Bearer k", "X-DashScope-SSE": "enable"}
-        with httpx.stream("POST", serve.url + GENERATION, json=body(wav, 1500, temperature=1.0, seed=i),
-                          headers=headers, timeout=120) as r:
+        with httpx.stream(
+            "POST", serve.url + GENERATION, json=body(wav, 1500, temperature=1.0, seed=i), headers=headers, timeout=120
+        ) as r:
             streams[i].extend(line for line in r.iter_lines() if line.startswith(("data:", "event:")))
 
     readers = [threading.Thread(target=stream, args=(i,)) for i in streams]
@@ -263,8 +314,10 @@ def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each
     assert cut  # 1,500 tokens each: the tiny model on this machine does not finish four in one second
     for lines in cut:
         error = json.loads(lines[-1][5:])
-        assert (error["code"], error["message"]) == ("ServiceUnavailable",
-                                                     "The server is shutting down, please try again later.")
+        assert (error["code"], error["message"]) == (
+            "ServiceUnavailable",
+            "The server is shutting down, please try again later.",
+        )
 
     async def inspect() -> tuple[list[Any], int]:
         store = Store(f"sqlite:///{home / 'ting.db'}", home=home)
@@ -278,6 +331,7 @@ def test_sigterm_past_the_drain_time_cuts_streams_with_an_error_and_settles_each
     assert open_reservations == 0 and len(rows) == 4
     by_status = sorted((r.status, r.error_code) for r in rows)
     assert by_status.count(("error", "ServiceUnavailable")) == len(cut)
-    assert all(r.output_tokens > 0 and r.charged_tokens == r.audio_tokens + r.input_tokens + r.output_tokens
-               for r in rows)  # settled with what they used, before the store closed
+    assert all(
+        r.output_tokens > 0 and r.charged_tokens == r.audio_tokens + r.input_tokens + r.output_tokens for r in rows
+    )  # settled with what they used, before the store closed
     assert "were cut" in serve.err.read_text()

@@ -63,8 +63,13 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         headers = {"Authorization": f"Bearer {self.key}", "X-DashScope-SSE": "enable"}
-        with httpx.stream("POST", self.serve.url + GENERATION, json=body(self.audio, 1500, temperature=0),
-                          headers=headers, timeout=120) as r:
+        with httpx.stream(
+            "POST",
+            self.serve.url + GENERATION,
+            json=body(self.audio, 1500, temperature=0),
+            headers=headers,
+            timeout=120,
+        ) as r:
             self.request_id = r.headers["x-request-id"]
             kind = ""
             for line in r.iter_lines():
@@ -75,17 +80,25 @@ class Stream(threading.Thread):
 
 
 def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_engine_serves(
-        tiny_dir: Path, tmp_path: Path, wav: str, test_pythonpath: None) -> None:
+    tiny_dir: Path, tmp_path: Path, wav: str, test_pythonpath: None
+) -> None:
     home = tmp_path / "home"
     database = f"sqlite:///{tmp_path / 'ting.db'}"
     common = ["--home", str(home), "--database", database]
     import subprocess
     import sys
 
-    key = subprocess.run([sys.executable, "-m", "ting", "keys", "create", "--quota-tokens", "0", *common],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    env = {"TING_TEST_BACKEND_WRAPPER": "tests.engine.faults:endless_slow_steps", "TING_TEST_STEP_DELAY_S": "0.05",
-           "PYTHONPATH": os.environ["PYTHONPATH"]}
+    key = subprocess.run(
+        [sys.executable, "-m", "ting", "keys", "create", "--quota-tokens", "0", *common],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env = {
+        "TING_TEST_BACKEND_WRAPPER": "tests.engine.faults:endless_slow_steps",
+        "TING_TEST_STEP_DELAY_S": "0.05",
+        "PYTHONPATH": os.environ["PYTHONPATH"],
+    }
     serve = Serve(tmp_path, "--model", str(tiny_dir), *common, "--engine-max-backoff-s", "2", env=env)
     try:
         serve.wait_ready(300)
@@ -120,8 +133,12 @@ def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_
         info = health(serve)[1]
         assert info["engine_pid"] != first_engine and info["engine_restarts"] == 1
         assert not psutil.pid_exists(first_engine)
-        again = httpx.post(serve.url + GENERATION, json=body(wav, 4, temperature=0), timeout=120,
-                           headers={"Authorization": f"Bearer {key}"})
+        again = httpx.post(
+            serve.url + GENERATION,
+            json=body(wav, 4, temperature=0),
+            timeout=120,
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert again.status_code == 200 and again.json()["usage"]["output_tokens"] == 4
     finally:
         assert serve.stop() == 0
@@ -130,8 +147,11 @@ def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_
         store = Store(database, home=home)
         await store.open()
         try:
-            return (await store.ledger.rows(), len(await store.db.read(sa.select(reservations))),
-                    (await store.keys.list())[0])
+            return (
+                await store.ledger.rows(),
+                len(await store.db.read(sa.select(reservations))),
+                (await store.keys.list())[0],
+            )
         finally:
             await store.close()
 

@@ -35,19 +35,43 @@ def media(corpus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  #
 
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_signed_url_queries_never_reach_the_logs(tiny_dir: Path, tmp_path: Path, media: str, level: str) -> None:
-    serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(tmp_path / "home"), "--log-level", level,
-                  "--allow-media-hosts", "127.0.0.1", "--header-timeout-s", "2")
+    serve = Serve(
+        tmp_path,
+        "--model",
+        str(tiny_dir),
+        "--home",
+        str(tmp_path / "home"),
+        "--log-level",
+        level,
+        "--allow-media-hosts",
+        "127.0.0.1",
+        "--header-timeout-s",
+        "2",
+    )
     try:
         serve.wait_ready()
         with socket.create_connection(("127.0.0.1", serve.port), timeout=60) as idle:  # item 6, as `ting serve` runs
             assert idle.recv(100).startswith(b"HTTP/1.1 408 ")
         url = f"{media}/a.wav?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SECRET}"
-        body = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
-            {"audio": url}, {"text": "What is said?"}]}]}, "parameters": {"max_tokens": 2}}
+        body = {
+            "model": "qwen-audio-turbo",
+            "input": {"messages": [{"role": "user", "content": [{"audio": url}, {"text": "What is said?"}]}]},
+            "parameters": {"max_tokens": 2},
+        }
         r = httpx.post(serve.url + GENERATION, json=body, headers={"Authorization": "Bearer sk-x"}, timeout=60)
         assert r.status_code == 200, r.text
-        missing = httpx.post(serve.url + GENERATION, json={**body, "input": {"messages": [{"role": "user", "content": [
-            {"audio": url.replace("a.wav", "gone.wav")}, {"text": "?"}]}]}}, timeout=60)
+        missing = httpx.post(
+            serve.url + GENERATION,
+            json={
+                **body,
+                "input": {
+                    "messages": [
+                        {"role": "user", "content": [{"audio": url.replace("a.wav", "gone.wav")}, {"text": "?"}]}
+                    ]
+                },
+            },
+            timeout=60,
+        )
         assert missing.status_code == 400
     finally:
         assert serve.stop() == 0

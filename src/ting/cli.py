@@ -1,10 +1,10 @@
 """The `ting` command: the composition root.
 
-  ting serve        run the server (DashScope and OpenAI APIs)
-  ting chat         ask about a recording (streams the answer; -i for a conversation)
-  ting transcribe   the words in a recording (text, srt, vtt or json)
-  ting keys         API keys, quotas and usage
-  ting tiny-model   write the offline random-weight test checkpoint
+ting serve        run the server (DashScope and OpenAI APIs)
+ting chat         ask about a recording (streams the answer; -i for a conversation)
+ting transcribe   the words in a recording (text, srt, vtt or json)
+ting keys         API keys, quotas and usage
+ting tiny-model   write the offline random-weight test checkpoint
 """
 
 from __future__ import annotations
@@ -95,16 +95,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = from_args(args)
     setup_logging(settings.log_level)
     log = logging.getLogger("ting.server")
-    if not is_loopback(settings.host) and not settings.api_key and not settings.allow_no_auth \
-            and not asyncio.run(_database_has_keys(settings)):
+    if (
+        not is_loopback(settings.host)
+        and not settings.api_key
+        and not settings.allow_no_auth
+        and not asyncio.run(_database_has_keys(settings))
+    ):
         where = settings.host.strip() or "every interface (empty --host)"
-        print(f"ting: refusing to listen on {where} with no API key: anyone who can reach it could use the "
-              f"model. Create a key (ting keys create) or pass --api-key KEY, or --allow-no-auth to accept that.",
-              file=sys.stderr)
+        print(
+            f"ting: refusing to listen on {where} with no API key: anyone who can reach it could use the "
+            f"model. Create a key (ting keys create) or pass --api-key KEY, or --allow-no-auth to accept that.",
+            file=sys.stderr,
+        )
         return 2
     if settings.load_format not in ("auto", "dummy"):
-        print(f"ting: unknown --load-format {settings.load_format!r}: use auto (the checkpoint's weights) or dummy "
-              f"(random weights).", file=sys.stderr)
+        print(
+            f"ting: unknown --load-format {settings.load_format!r}: use auto (the checkpoint's weights) or dummy "
+            f"(random weights).",
+            file=sys.stderr,
+        )
         return 2
     if settings.model != "tiny":
         from ting.engine.qwen2_audio import resolve_checkpoint
@@ -123,8 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.replace(host=listen_address(settings.host))
     app = create_app(settings)
     runtime = app.state.runtime
-    log.info("Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
-             __version__, settings.host, settings.port, settings.host, settings.port, settings.model)
+    log.info(
+        "Ting %s listening on http://%s:%d (DashScope base URL: http://%s:%d/api/v1); loading model %s",
+        __version__,
+        settings.host,
+        settings.port,
+        settings.host,
+        settings.port,
+        settings.model,
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -139,8 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, **uvicorn_options(settings))).run()
     if not runtime.drain_clean:
-        print(f"ting: requests still running after --drain-timeout-s {settings.drain_timeout_s:g} were cut "
-              f"(each got an error and was settled with what it used)", file=sys.stderr)
+        print(
+            f"ting: requests still running after --drain-timeout-s {settings.drain_timeout_s:g} were cut "
+            f"(each got an error and was settled with what it used)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -150,8 +169,11 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     out = tiny.build(args.dir, args.preset, layers=args.layers, seed=args.seed)
-    weights = ("with random weights" if tiny.PRESETS[args.preset]["weights"]
-               else "without weights (serve with --load-format dummy)")
+    weights = (
+        "with random weights"
+        if tiny.PRESETS[args.preset]["weights"]
+        else "without weights (serve with --load-format dummy)"
+    )
     print(f"wrote the {args.preset} Qwen2-Audio checkpoint to {out} {weights} in {time.monotonic() - started:.1f} s")
     return 0
 
@@ -163,8 +185,10 @@ def _client_error(command: str, exc: Exception, url: str) -> int:
     from ting.client import AuthenticationError, ConnectionFailed
 
     if isinstance(exc, ConnectionFailed):
-        print(f"ting {command}: cannot reach {url}. Is `ting serve` running there? (set --url or TING_BASE_URL)",
-              file=sys.stderr)
+        print(
+            f"ting {command}: cannot reach {url}. Is `ting serve` running there? (set --url or TING_BASE_URL)",
+            file=sys.stderr,
+        )
     elif isinstance(exc, AuthenticationError):
         print(f"ting {command}: {exc}. Pass --api-key or set TING_API_KEY.", file=sys.stderr)
     else:
@@ -199,8 +223,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     return 0
                 if not prompt:
                     return 0
-            deltas = client.chat(prompt or None, audio=audio if first else None, history=history, system=args.system,
-                                 stream=True, **params)
+            deltas = client.chat(
+                prompt or None,
+                audio=audio if first else None,
+                history=history,
+                system=args.system,
+                stream=True,
+                **params,
+            )
             text = ""
             for delta in deltas:
                 text += delta.text
@@ -210,8 +240,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             if not args.interactive:
                 return 0
-            user = {"role": "user", "content": ([{"audio": audio}] if first else []) + ([{"text": prompt}] if prompt
-                                                                                         else [])}
+            user = {
+                "role": "user",
+                "content": ([{"audio": audio}] if first else []) + ([{"text": prompt}] if prompt else []),
+            }
             history = [*(history or []), user, {"role": "assistant", "content": [{"text": text}]}]
             first, prompt = False, None
     except TingError as exc:
@@ -230,8 +262,13 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     client = _client(args)
     try:
-        result = client.transcribe(args.audio, language=args.language, prompt=args.prompt, translate=args.translate,
-                                   response_format=args.format)
+        result = client.transcribe(
+            args.audio,
+            language=args.language,
+            prompt=args.prompt,
+            translate=args.translate,
+            response_format=args.format,
+        )
     except TingError as exc:
         return _client_error("transcribe", exc, client.base_url)
     finally:
@@ -239,9 +276,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if isinstance(result, str):
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     else:
-        print(json.dumps({"text": result.text, "duration": result.duration, "language": result.language,
-                          "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in result.segments]},
-                         ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "duration": result.duration,
+                    "language": result.language,
+                    "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in result.segments],
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -294,22 +340,44 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 async def _keys_create(args: argparse.Namespace, store: Store) -> None:
     key, info = await store.keys.create(
-        name=args.name, quota_tokens=args.quota_tokens or None, expires_days=args.expires_days or None,
-        rpm=args.rpm, max_concurrency=args.max_concurrency)
+        name=args.name,
+        quota_tokens=args.quota_tokens or None,
+        expires_days=args.expires_days or None,
+        rpm=args.rpm,
+        max_concurrency=args.max_concurrency,
+    )
     print(key)
-    print(f"Created {info.id} ({info.name or 'no name'}): quota "
-          f"{info.quota_tokens if info.quota_tokens is not None else 'unlimited'} tokens, expires "
-          f"{_when(info.expires_at)}, {info.rpm or 'unlimited'} requests/min, "
-          f"{info.max_concurrency or 'unlimited'} at once. Store the key now: it is not shown again.",
-          file=sys.stderr)
+    print(
+        f"Created {info.id} ({info.name or 'no name'}): quota "
+        f"{info.quota_tokens if info.quota_tokens is not None else 'unlimited'} tokens, expires "
+        f"{_when(info.expires_at)}, {info.rpm or 'unlimited'} requests/min, "
+        f"{info.max_concurrency or 'unlimited'} at once. Store the key now: it is not shown again.",
+        file=sys.stderr,
+    )
 
 
 async def _keys_list(args: argparse.Namespace, store: Store) -> None:
-    rows = [[k.id, k.name, k.prefix + "…", k.state(), str(k.quota_tokens if k.quota_tokens is not None else "-"),
-             str(k.spent_tokens), str(k.reserved_tokens), str(k.rpm or "-"), str(k.max_concurrency or "-"),
-             _when(k.created_at), _when(k.expires_at)] for k in await store.keys.list()]
-    print(_table(rows, ["ID", "NAME", "KEY", "STATE", "QUOTA", "SPENT", "RESERVED", "RPM", "AT ONCE", "CREATED",
-                        "EXPIRES"]))
+    rows = [
+        [
+            k.id,
+            k.name,
+            k.prefix + "…",
+            k.state(),
+            str(k.quota_tokens if k.quota_tokens is not None else "-"),
+            str(k.spent_tokens),
+            str(k.reserved_tokens),
+            str(k.rpm or "-"),
+            str(k.max_concurrency or "-"),
+            _when(k.created_at),
+            _when(k.expires_at),
+        ]
+        for k in await store.keys.list()
+    ]
+    print(
+        _table(
+            rows, ["ID", "NAME", "KEY", "STATE", "QUOTA", "SPENT", "RESERVED", "RPM", "AT ONCE", "CREATED", "EXPIRES"]
+        )
+    )
 
 
 async def _keys_revoke(args: argparse.Namespace, store: Store) -> None:
@@ -324,11 +392,40 @@ async def _keys_usage(args: argparse.Namespace, store: Store) -> None:
         import datetime
 
         since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.UTC).timestamp()
-    rows = [[u.key_id or "-", u.key_name, str(u.requests), str(u.ok), str(u.refused), str(u.failed),
-             f"{u.audio_seconds:.1f}", str(u.audio_tokens), str(u.input_tokens), str(u.output_tokens),
-             str(u.charged_tokens)] for u in await store.ledger.summary(key_id=key_id, since=since)]
-    print(_table(rows, ["KEY", "NAME", "REQUESTS", "OK", "REFUSED", "FAILED", "AUDIO S", "AUDIO TOK",
-                        "INPUT TOK", "OUTPUT TOK", "CHARGED"]))
+    rows = [
+        [
+            u.key_id or "-",
+            u.key_name,
+            str(u.requests),
+            str(u.ok),
+            str(u.refused),
+            str(u.failed),
+            f"{u.audio_seconds:.1f}",
+            str(u.audio_tokens),
+            str(u.input_tokens),
+            str(u.output_tokens),
+            str(u.charged_tokens),
+        ]
+        for u in await store.ledger.summary(key_id=key_id, since=since)
+    ]
+    print(
+        _table(
+            rows,
+            [
+                "KEY",
+                "NAME",
+                "REQUESTS",
+                "OK",
+                "REFUSED",
+                "FAILED",
+                "AUDIO S",
+                "AUDIO TOK",
+                "INPUT TOK",
+                "OUTPUT TOK",
+                "CHARGED",
+            ],
+        )
+    )
 
 
 # --- the parser: one small function per command ---------------------------------------------------------------
@@ -337,27 +434,39 @@ Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _examples(*lines: str) -> dict[str, Any]:
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
-            "formatter_class": argparse.RawDescriptionHelpFormatter}
+    return {
+        "epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def _add_serve(sub: Commands) -> None:
-    p = sub.add_parser("serve", help="run the server (DashScope and OpenAI APIs)",
-                       description="Serve Qwen2-Audio over the DashScope API (/api/v1) and the OpenAI API (/v1). "
-                       "Every option is also an environment variable (TING_<OPTION>).",
-                       **_examples("ting serve --model tiny                      # offline test model",
-                                   "ting serve --model Qwen/Qwen2-Audio-7B-Instruct --host 0.0.0.0 --api-key $KEY"))
+    p = sub.add_parser(
+        "serve",
+        help="run the server (DashScope and OpenAI APIs)",
+        description="Serve Qwen2-Audio over the DashScope API (/api/v1) and the OpenAI API (/v1). "
+        "Every option is also an environment variable (TING_<OPTION>).",
+        **_examples(
+            "ting serve --model tiny                      # offline test model",
+            "ting serve --model Qwen/Qwen2-Audio-7B-Instruct --host 0.0.0.0 --api-key $KEY",
+        ),
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
 def _add_chat(sub: Commands) -> None:
-    p = sub.add_parser("chat", help="ask about a recording; the answer streams to the terminal",
-                       description="Ask the server about a recording (a file, or an http(s) URL the server may "
-                       "fetch). Without a prompt the recording itself is the question (voice chat).",
-                       **_examples('ting chat meeting.wav "What is said?"',
-                                   "ting chat -i interview.mp3              # keep asking about the same recording",
-                                   "ting chat question.wav               # voice chat: the recording is the question"))
+    p = sub.add_parser(
+        "chat",
+        help="ask about a recording; the answer streams to the terminal",
+        description="Ask the server about a recording (a file, or an http(s) URL the server may "
+        "fetch). Without a prompt the recording itself is the question (voice chat).",
+        **_examples(
+            'ting chat meeting.wav "What is said?"',
+            "ting chat -i interview.mp3              # keep asking about the same recording",
+            "ting chat question.wav               # voice chat: the recording is the question",
+        ),
+    )
     p.add_argument("audio", help="audio file or http(s) URL")
     p.add_argument("prompt", nargs="?", default=None, help="what to ask (optional)")
     p.add_argument("-i", "--interactive", action="store_true", help="keep asking follow-up questions (empty line ends)")
@@ -370,12 +479,18 @@ def _add_chat(sub: Commands) -> None:
 
 
 def _add_transcribe(sub: Commands) -> None:
-    p = sub.add_parser("transcribe", help="the words in a recording (text, srt, vtt or json)",
-                       description="Transcribe (or translate to English) a recording of up to 10 minutes; long "
-                       "recordings are cut into 30 s windows, each a subtitle cue.",
-                       **_examples("ting transcribe talk.mp3", "ting transcribe talk.mp3 --format srt > talk.srt",
-                                   "ting transcribe 会议.m4a --language zh --format vtt",
-                                   "ting transcribe interview.wav --translate"))
+    p = sub.add_parser(
+        "transcribe",
+        help="the words in a recording (text, srt, vtt or json)",
+        description="Transcribe (or translate to English) a recording of up to 10 minutes; long "
+        "recordings are cut into 30 s windows, each a subtitle cue.",
+        **_examples(
+            "ting transcribe talk.mp3",
+            "ting transcribe talk.mp3 --format srt > talk.srt",
+            "ting transcribe 会议.m4a --language zh --format vtt",
+            "ting transcribe interview.wav --translate",
+        ),
+    )
     p.add_argument("audio", help="audio file or http(s) URL")
     p.add_argument("--format", choices=["text", "srt", "vtt", "json"], default="text", help="output (default text)")
     p.add_argument("--language", default=None, help="the spoken language, as an ISO-639 code (en, zh, yue, ...)")
@@ -386,19 +501,31 @@ def _add_transcribe(sub: Commands) -> None:
 
 
 def _add_keys(sub: Commands) -> None:
-    keys = sub.add_parser("keys", help="API keys, quotas and usage",
-                          description="Manage API keys in the server's database (the same --home / --database). "
-                          "Once any key exists, every API request needs a valid one.",
-                          **_examples("ting keys create --name alice --quota-tokens 100000 --rpm 60", "ting keys list",
-                                      "ting keys usage --since 2026-11-01", "ting keys revoke sk-ting-Ab12"))
+    keys = sub.add_parser(
+        "keys",
+        help="API keys, quotas and usage",
+        description="Manage API keys in the server's database (the same --home / --database). "
+        "Once any key exists, every API request needs a valid one.",
+        **_examples(
+            "ting keys create --name alice --quota-tokens 100000 --rpm 60",
+            "ting keys list",
+            "ting keys usage --since 2026-11-01",
+            "ting keys revoke sk-ting-Ab12",
+        ),
+    )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     actions.required = True
     k = actions.add_parser("create", help="create a key (printed once)")
     k.add_argument("--name", default="", help="who or what the key is for")
-    k.add_argument("--quota-tokens", type=int, default=100_000,
-                   help="tokens the key may spend (audio + input + output; default 100000, 0 = unlimited)")
-    k.add_argument("--expires-days", type=float, default=180,
-                   help="days until the key expires (default 180, 0 = never)")
+    k.add_argument(
+        "--quota-tokens",
+        type=int,
+        default=100_000,
+        help="tokens the key may spend (audio + input + output; default 100000, 0 = unlimited)",
+    )
+    k.add_argument(
+        "--expires-days", type=float, default=180, help="days until the key expires (default 180, 0 = never)"
+    )
     k.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
     k.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at once (default: unlimited)")
     k.set_defaults(action=_keys_create)
@@ -416,13 +543,20 @@ def _add_keys(sub: Commands) -> None:
 
 
 def _add_tiny_model(sub: Commands) -> None:
-    p = sub.add_parser("tiny-model", help="write a small random-weight Qwen2-Audio checkpoint (offline)",
-                       description="Write a deterministic random-weight Qwen2-Audio checkpoint that transformers loads "
-                       "unchanged. Tests, CI and offline demos run on it.",
-                       epilog="example: ting tiny-model ./tiny && ting serve --model ./tiny")
+    p = sub.add_parser(
+        "tiny-model",
+        help="write a small random-weight Qwen2-Audio checkpoint (offline)",
+        description="Write a deterministic random-weight Qwen2-Audio checkpoint that transformers loads "
+        "unchanged. Tests, CI and offline demos run on it.",
+        epilog="example: ting tiny-model ./tiny && ting serve --model ./tiny",
+    )
     p.add_argument("dir", help="directory to write (created if missing)")
-    p.add_argument("--preset", choices=["tiny", "real-width", "7b"], default="tiny",
-                   help="tiny: test model with weights; real-width / 7b: real shapes, config only (benchmarks)")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "real-width", "7b"],
+        default="tiny",
+        help="tiny: test model with weights; real-width / 7b: real shapes, config only (benchmarks)",
+    )
     p.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (real-width default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     p.set_defaults(func=cmd_tiny_model)

@@ -33,50 +33,84 @@ def _opt(default: Any, help: str, *, env: str | None = None, secret: bool = Fals
 @dataclass(frozen=True)
 class Settings:
     # --- model and device
-    model: str = _opt(DEFAULT_MODEL, "Checkpoint directory or Hugging Face hub id; 'tiny' builds and "
-                      "serves the offline random-weight test checkpoint.")
+    model: str = _opt(
+        DEFAULT_MODEL,
+        "Checkpoint directory or Hugging Face hub id; 'tiny' builds and "
+        "serves the offline random-weight test checkpoint.",
+    )
     device: str = _opt("auto", "Where the model runs: auto, cpu, cuda, cuda:N.")
     dtype: str = _opt("auto", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
     served_model_name: tuple[str, ...] = _opt((), "Extra model names to serve (repeatable).")
     max_batch_size: int = _opt(16, "Most requests decoded together in one step (KV-cache slots).")
     max_queue: int = _opt(256, "Most requests waiting for a slot; past it requests get 503.")
     max_model_len: int = _opt(8192, "Most tokens (prompt + output) one request may hold.")
-    load_format: str = _opt("auto", "auto: the checkpoint's weights; dummy: random weights of the checkpoint's "
-                            "shapes (benchmarks; e.g. a `ting tiny-model --preset real-width` directory).")
-    engine_process: bool = _opt(True, "Run the model in a process of its own, restarted if it dies or hangs "
-                                "(--no-engine-process: on a thread of the server process, for debugging).")
-    engine_hang_timeout_s: float = _opt(120.0, "Seconds without a decoding step, while requests are in flight, "
-                                        "after which the engine process counts as hung and is restarted.")
-    engine_max_backoff_s: float = _opt(30.0, "Longest wait before restarting an engine process that keeps dying "
-                                       "(the wait doubles from 0.5 s with each death in a row).")
+    load_format: str = _opt(
+        "auto",
+        "auto: the checkpoint's weights; dummy: random weights of the checkpoint's "
+        "shapes (benchmarks; e.g. a `ting tiny-model --preset real-width` directory).",
+    )
+    engine_process: bool = _opt(
+        True,
+        "Run the model in a process of its own, restarted if it dies or hangs "
+        "(--no-engine-process: on a thread of the server process, for debugging).",
+    )
+    engine_hang_timeout_s: float = _opt(
+        120.0,
+        "Seconds without a decoding step, while requests are in flight, "
+        "after which the engine process counts as hung and is restarted.",
+    )
+    engine_max_backoff_s: float = _opt(
+        30.0,
+        "Longest wait before restarting an engine process that keeps dying "
+        "(the wait doubles from 0.5 s with each death in a row).",
+    )
     # --- HTTP
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8000, "Port to listen on.")
-    public_url: str = _opt("", "Base URL clients reach this server at (e.g. https://ting.example.com); "
-                           "used for the upload host. Default: derived from each request.")
-    api_key: tuple[str, ...] = _opt((), "A static API key clients must send (repeatable). With none "
-                                    "configured and no keys in the database, any key is accepted.",
-                                    secret=True)
+    public_url: str = _opt(
+        "",
+        "Base URL clients reach this server at (e.g. https://ting.example.com); "
+        "used for the upload host. Default: derived from each request.",
+    )
+    api_key: tuple[str, ...] = _opt(
+        (),
+        "A static API key clients must send (repeatable). With none "
+        "configured and no keys in the database, any key is accepted.",
+        secret=True,
+    )
     allow_no_auth: bool = _opt(False, "Allow listening beyond loopback with no API key configured.")
     cors_origins: tuple[str, ...] = _opt((), "Browser origins allowed to call the API (none by default).")
-    allowed_hosts: tuple[str, ...] = _opt((), "Host names a server without API keys answers to, besides localhost, "
-                                          "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
-                                          "for any).")
+    allowed_hosts: tuple[str, ...] = _opt(
+        (),
+        "Host names a server without API keys answers to, besides localhost, "
+        "IP addresses and --public-url's host (DNS-rebinding protection; '*' "
+        "for any).",
+    )
     max_request_bytes: int = _opt(32 * MiB, "Largest request body accepted, in bytes.")
-    max_connections: int = _opt(1000, "Most open client connections. At the cap the one waiting longest for a "
-                                "request is closed to make room; if all are busy a new one gets 503.")
-    header_timeout_s: float = _opt(20.0, "Seconds a client has to send a request's headers (from connecting, or "
-                                   "from the previous response); then 408 and the connection is closed.")
+    max_connections: int = _opt(
+        1000,
+        "Most open client connections. At the cap the one waiting longest for a "
+        "request is closed to make room; if all are busy a new one gets 503.",
+    )
+    header_timeout_s: float = _opt(
+        20.0,
+        "Seconds a client has to send a request's headers (from connecting, or "
+        "from the previous response); then 408 and the connection is closed.",
+    )
     body_timeout_s: float = _opt(30.0, "Seconds of silence allowed while a request body is being sent.")
     keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection is kept open between requests.")
     heartbeat_s: float = _opt(15.0, "Seconds of silence after which a stream gets a keep-alive comment.")
     drain_timeout_s: float = _opt(30.0, "On shutdown, seconds to let in-flight requests finish.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
-    docs: bool = _opt(False, "Serve Swagger UI at /docs. Off by default: its script and style come from a public "
-                      "CDN. /openapi.json is always served.")
+    docs: bool = _opt(
+        False,
+        "Serve Swagger UI at /docs. Off by default: its script and style come from a public "
+        "CDN. /openapi.json is always served.",
+    )
     # --- audio
-    allow_media_hosts: tuple[str, ...] = _opt((), "Host names, IPs or CIDRs that audio URLs may reach even "
-                                              "though they are private (comma list).")
+    allow_media_hosts: tuple[str, ...] = _opt(
+        (), "Host names, IPs or CIDRs that audio URLs may reach even though they are private (comma list)."
+    )
     max_audio_bytes: int = _opt(10 * MiB, "Largest audio file (download, upload or decoded data URI).")
     max_audio_items: int = _opt(8, "Most audio items in one request.")
     fetch_connect_timeout_s: float = _opt(5.0, "Seconds to connect to an audio URL's host.")
@@ -87,22 +121,33 @@ class Settings:
     decode_timeout_s: float = _opt(10.0, "Seconds one audio item may take to decode.")
     decode_memory_mib: int = _opt(2048, "Address-space limit of each decoder worker, in MiB.")
     max_transcription_bytes: int = _opt(25 * MiB, "Largest file the transcription endpoints accept.")
-    max_transcription_s: float = _opt(600.0, "Longest audio the transcription endpoints accept, in seconds "
-                                      "(cut into 30 s windows).")
+    max_transcription_s: float = _opt(
+        600.0, "Longest audio the transcription endpoints accept, in seconds (cut into 30 s windows)."
+    )
     # --- storage
     home: str = _opt("", "Data directory (database, uploads). Default: $XDG_DATA_HOME/ting.")
-    database: str = _opt("", "Database URL: sqlite:///path or postgresql://user:pass@host/db. Default: "
-                         "SQLite in the data directory.", secret=True)
-    instance_id: str = _opt("", "This server's name among replicas sharing a database. Default: host:port, so a "
-                            "restarted server releases what it left in flight at once.")
-    require_oss_resolve: bool = _opt(True, "Refuse oss:// audio unless the request carries "
-                                     "X-DashScope-OssResourceResolve: enable, as DashScope does.")
+    database: str = _opt(
+        "",
+        "Database URL: sqlite:///path or postgresql://user:pass@host/db. Default: SQLite in the data directory.",
+        secret=True,
+    )
+    instance_id: str = _opt(
+        "",
+        "This server's name among replicas sharing a database. Default: host:port, so a "
+        "restarted server releases what it left in flight at once.",
+    )
+    require_oss_resolve: bool = _opt(
+        True,
+        "Refuse oss:// audio unless the request carries X-DashScope-OssResourceResolve: enable, as DashScope does.",
+    )
     upload_ttl_s: float = _opt(48 * 3600.0, "Seconds an uploaded file is kept.")
     upload_max_bytes: int = _opt(100 * MiB, "Largest file the upload host accepts.")
-    upload_quota_bytes: int = _opt(1024 * MiB, "Most bytes of uploaded files one API key keeps at once (files "
-                                   "are kept --upload-ttl-s).")
-    max_concurrent_uploads: int = _opt(4, "Most uploads being received at once; past it an upload gets 503 "
-                                       "before its file is read.")
+    upload_quota_bytes: int = _opt(
+        1024 * MiB, "Most bytes of uploaded files one API key keeps at once (files are kept --upload-ttl-s)."
+    )
+    max_concurrent_uploads: int = _opt(
+        4, "Most uploads being received at once; past it an upload gets 503 before its file is read."
+    )
 
     @property
     def home_path(self) -> Path:
@@ -161,14 +206,11 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
         help_text = f"{f.metadata['help']} [env {env_name(f)}]"
         hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_args(hint):
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="VALUE",
-                                help=help_text)
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="VALUE", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=hint, default=None, metavar=f.name.upper(),
-                                help=help_text)
+            parser.add_argument(flag, dest=f.name, type=hint, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:

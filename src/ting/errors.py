@@ -46,8 +46,9 @@ class TingError(Exception):
     openai_type: str = "server_error"
     openai_code: str | None = None
 
-    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None,
-                 param: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after_s: float | None = None, param: str | None = None
+    ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s  # seconds a client should wait, for 429/503
         self.param = param  # the offending request field, where known (OpenAI's `param`)

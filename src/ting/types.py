@@ -24,6 +24,7 @@ def audio_tokens_for_frames(frames: int) -> int:
         return 0
     return max(((frames - 1) // 2 + 1 - 2) // 2 + 1, 0)
 
+
 # Bounds both wire protocols apply to a chat request while validating it, before anything else: far beyond any prompt
 # the model can take (6,144 tokens for the hosted names), so no real user meets them, and absurd bodies (a 30 MiB
 # text, a million messages) are refused for the cost of parsing them. The service's cheap estimate comes next.

@@ -33,8 +33,9 @@ class LiveServer:
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=5))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     @property
@@ -66,8 +67,9 @@ class LiveServer:
 
 @contextmanager
 def live_server(engine: Any, home: Path, **overrides: Any) -> Iterator[LiveServer]:
-    options: dict[str, Any] = dict(model="qwen2-audio-tiny", home=str(home), allow_media_hosts=("127.0.0.1",),
-                                   decode_workers=2, heartbeat_s=15.0)
+    options: dict[str, Any] = dict(
+        model="qwen2-audio-tiny", home=str(home), allow_media_hosts=("127.0.0.1",), decode_workers=2, heartbeat_s=15.0
+    )
     options.update(overrides)
     server = LiveServer(Settings(**options), engine)
     server.start()
@@ -118,9 +120,16 @@ def media(corpus: dict[str, C.Sample], tmp_path_factory: pytest.TempPathFactory)
     host.close()
 
 
-def post(server: LiveServer, body: Any, *, stream: bool = False, token: str | None = "sk-test",
-         headers: dict[str, str] | None = None, path: str = "/api/v1/services/aigc/multimodal-generation/generation",
-         timeout: float = 60) -> httpx.Response:
+def post(
+    server: LiveServer,
+    body: Any,
+    *,
+    stream: bool = False,
+    token: str | None = "sk-test",
+    headers: dict[str, str] | None = None,
+    path: str = "/api/v1/services/aigc/multimodal-generation/generation",
+    timeout: float = 60,
+) -> httpx.Response:
     all_headers = {"Content-Type": "application/json"}
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
@@ -128,8 +137,13 @@ def post(server: LiveServer, body: Any, *, stream: bool = False, token: str | No
         all_headers["X-DashScope-SSE"] = "enable"
     all_headers.update(headers or {})
     content = body if isinstance(body, (bytes, str)) else None
-    return httpx.post(server.url + path, json=None if content is not None else body, content=content,
-                      headers=all_headers, timeout=timeout)
+    return httpx.post(
+        server.url + path,
+        json=None if content is not None else body,
+        content=content,
+        headers=all_headers,
+        timeout=timeout,
+    )
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:

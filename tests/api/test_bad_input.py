@@ -31,8 +31,11 @@ async def origin() -> AsyncIterator[Origin]:
 
 def dashscope(audio: str | None, text: str = "What is said?", model: str = "qwen-audio-turbo") -> dict[str, Any]:
     content: list[dict[str, str]] = [{"audio": audio}] if audio else []
-    return {"model": model, "input": {"messages": [{"role": "user", "content": [*content, {"text": text}]}]},
-            "parameters": {"max_tokens": 2}}
+    return {
+        "model": model,
+        "input": {"messages": [{"role": "user", "content": [*content, {"text": text}]}]},
+        "parameters": {"max_tokens": 2},
+    }
 
 
 def check_dashscope_400(r: httpx.Response) -> dict[str, Any]:
@@ -52,13 +55,18 @@ def check_openai_400(r: httpx.Response) -> dict[str, Any]:
 # --- item 9: a malformed redirect Location --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("location", ["http:\\\\host\\x", "http://[zz", "http://\x00/", "http://a b:99999999/",
-                                      "http://exa mple.com:-1/\x7f"])
+@pytest.mark.parametrize(
+    "location",
+    ["http:\\\\host\\x", "http://[zz", "http://\x00/", "http://a b:99999999/", "http://exa mple.com:-1/\x7f"],
+)
 async def test_a_malformed_redirect_location_is_a_clear_400(server: LiveServer, origin: Origin, location: str) -> None:
     origin.routes["/moved.wav"] = redirect(location)
     async with httpx.AsyncClient(timeout=60) as client:
-        r = await client.post(server.url + GENERATION, json=dashscope(origin.base + "/moved.wav"),
-                              headers={"Authorization": "Bearer sk-test"})
+        r = await client.post(
+            server.url + GENERATION,
+            json=dashscope(origin.base + "/moved.wav"),
+            headers={"Authorization": "Bearer sk-test"},
+        )
         body = check_dashscope_400(r)
         assert "redirect" in body["message"].lower() or body["code"] in ("InvalidURL", "InvalidParameter")
         # the keep-alive connection survives: the next request on the same client is answered
@@ -72,8 +80,10 @@ SURROGATE = '"\\ud800"'  # JSON's escape for a lone UTF-16 surrogate: valid JSON
 
 
 def raw_dashscope(model: str = '"qwen-audio-turbo"', text: str = '"hi"') -> bytes:
-    return (f'{{"model": {model}, "input": {{"messages": [{{"role": "user", "content": [{{"text": {text}}}]}}]}},'
-            f' "parameters": {{"max_tokens": 2}}}}').encode()
+    return (
+        f'{{"model": {model}, "input": {{"messages": [{{"role": "user", "content": [{{"text": {text}}}]}}]}},'
+        f' "parameters": {{"max_tokens": 2}}}}'
+    ).encode()
 
 
 def raw_openai(model: str = '"qwen-audio-turbo"', text: str = '"hi"') -> bytes:
@@ -87,8 +97,9 @@ def access_lines(capture: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("where", ["text", "model"])
-def test_a_lone_surrogate_is_a_clear_400_in_each_protocol(server: LiveServer, where: str,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_a_lone_surrogate_is_a_clear_400_in_each_protocol(
+    server: LiveServer, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
     headers = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
     bad = {where: SURROGATE}
     with caplog.at_level("INFO", logger="ting.access"):
@@ -112,16 +123,26 @@ def test_a_lone_surrogate_is_a_clear_400_in_each_protocol(server: LiveServer, wh
 
 @pytest.mark.parametrize("model", ["q" * 101, "qwen-audio-turbo\u0000", "qwen\nturbo"])
 def test_a_model_name_the_database_cannot_hold_is_refused_before_anything_is_stored(
-        engine: Any, database_url: str, tmp_path: Path, model: str) -> None:
+    engine: Any, database_url: str, tmp_path: Path, model: str
+) -> None:
     with live_server(engine, tmp_path, database=database_url) as s:
         headers = {"Authorization": "Bearer sk-test"}
         r = httpx.post(s.url + GENERATION, json=dashscope(None, model=model), headers=headers, timeout=60)
         check_dashscope_400(r)
-        o = httpx.post(s.url + CHAT, json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
-                       headers=headers, timeout=60)
+        o = httpx.post(
+            s.url + CHAT,
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            headers=headers,
+            timeout=60,
+        )
         check_openai_400(o)
-        t = httpx.post(s.url + "/v1/audio/transcriptions", data={"model": model},
-                       files={"file": ("a.wav", b"RIFF0000WAVE")}, headers=headers, timeout=60)
+        t = httpx.post(
+            s.url + "/v1/audio/transcriptions",
+            data={"model": model},
+            files={"file": ("a.wav", b"RIFF0000WAVE")},
+            headers=headers,
+            timeout=60,
+        )
         check_openai_400(t)
         p = httpx.get(s.url + "/api/v1/uploads", params={"action": "getPolicy", "model": model}, headers=headers)
         check_dashscope_400(p)
@@ -137,13 +158,24 @@ def test_an_openai_message_with_null_content_is_a_400(server: LiveServer, role: 
     messages = [{"role": role, "content": None}]
     if role == "system":
         messages.append({"role": "user", "content": "hi"})
-    r = httpx.post(server.url + CHAT, json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": messages},
-                   headers={"Authorization": "Bearer sk-test"}, timeout=60)
+    r = httpx.post(
+        server.url + CHAT,
+        json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": messages},
+        headers={"Authorization": "Bearer sk-test"},
+        timeout=60,
+    )
     error = check_openai_400(r)
     assert "messages[0].content" in error["message"]
     # an assistant turn without content (one that called tools) is still accepted
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
-             {"role": "user", "content": "and?"}]
-    ok = httpx.post(server.url + CHAT, json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": turns},
-                    headers={"Authorization": "Bearer sk-test"}, timeout=60)
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "and?"},
+    ]
+    ok = httpx.post(
+        server.url + CHAT,
+        json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": turns},
+        headers={"Authorization": "Bearer sk-test"},
+        timeout=60,
+    )
     assert ok.status_code == 200, ok.text

@@ -135,8 +135,11 @@ def test_typed_errors(both: Both, engine, tmp_path: Path) -> None:  # type: igno
 
 def test_the_two_clients_have_the_same_public_methods() -> None:
     def methods(cls: type) -> dict[str, list[tuple[str, Any, Any]]]:
-        return {name: [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
-                for name, f in vars(cls).items() if callable(f) and not name.startswith("_")}
+        return {
+            name: [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+            for name, f in vars(cls).items()
+            if callable(f) and not name.startswith("_")
+        }
 
     sync, asynchronous = methods(Client), methods(AsyncClient)
     assert sync.pop("close") == asynchronous.pop("aclose")  # closing is the one name that differs, as in httpx
@@ -149,13 +152,19 @@ def test_the_two_clients_have_the_same_public_methods() -> None:
 class Flaky:
     """A loopback HTTP server answering from a script of (status, headers) replies, then a DashScope answer."""
 
-    OK: ClassVar[dict[str, Any]] = {"output": {"choices": [{"finish_reason": "stop", "message": {"role": "assistant",
-                                                                        "content": [{"text": "hello"}]}}]},
-          "usage": {"audio_tokens": 0, "output_tokens": 1, "input_tokens": 3}, "request_id": "r-1"}
-    STREAM = ('id:1\nevent:result\n:HTTP_STATUS/200\ndata:{"output":{"choices":[{"message":{"role":"assistant",'
-              '"content":[{"text":"hello"}]},"finish_reason":"null"}]},"usage":{},"request_id":"r-1"}\n\n'
-              'id:2\nevent:result\n:HTTP_STATUS/200\ndata:{"output":{"choices":[{"message":{"role":"assistant",'
-              '"content":[]},"finish_reason":"stop"}]},"usage":{},"request_id":"r-1"}\n\n')
+    OK: ClassVar[dict[str, Any]] = {
+        "output": {
+            "choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": [{"text": "hello"}]}}]
+        },
+        "usage": {"audio_tokens": 0, "output_tokens": 1, "input_tokens": 3},
+        "request_id": "r-1",
+    }
+    STREAM = (
+        'id:1\nevent:result\n:HTTP_STATUS/200\ndata:{"output":{"choices":[{"message":{"role":"assistant",'
+        '"content":[{"text":"hello"}]},"finish_reason":"null"}]},"usage":{},"request_id":"r-1"}\n\n'
+        'id:2\nevent:result\n:HTTP_STATUS/200\ndata:{"output":{"choices":[{"message":{"role":"assistant",'
+        '"content":[]},"finish_reason":"stop"}]},"usage":{},"request_id":"r-1"}\n\n'
+    )
 
     def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
         self.script = list(script)
@@ -253,8 +262,10 @@ def test_a_real_rate_limit_gives_its_retry_after(kind: str, engine, tmp_path: Pa
 
 
 def test_the_client_imports_nothing_from_the_server() -> None:
-    code = ("import sys, ting.client; bad = [m for m in sys.modules if m.startswith('ting.') and "
-            "not m.startswith('ting.client')]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, ting.client; bad = [m for m in sys.modules if m.startswith('ting.') and "
+        "not m.startswith('ting.client')]; print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     assert _common.DEFAULT_BASE_URL == "http://127.0.0.1:8000"
@@ -265,22 +276,43 @@ def test_the_client_imports_nothing_from_the_server() -> None:
 
 def ting(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ting", *args], input=stdin, capture_output=True, text=True,
-                          env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ting", *args], input=stdin, capture_output=True, text=True, env=full_env, timeout=120
+    )
 
 
 def test_ting_chat_streams_the_answer(server: LiveServer, client: Client, corpus) -> None:  # type: ignore[no-untyped-def]
     path = str(corpus["wav_pcm_s16_zh"].path)
     expected = client.chat("这段音频说的是什么?", audio=path, **GREEDY).text
-    out = ting("chat", path, "这段音频说的是什么?", "--url", server.url, "--temperature", "0", "--max-tokens", "12",
-               "--seed", "3", env={"TING_API_KEY": "sk-test"})
+    out = ting(
+        "chat",
+        path,
+        "这段音频说的是什么?",
+        "--url",
+        server.url,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+        env={"TING_API_KEY": "sk-test"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"
 
 
 def test_ting_chat_interactive(server: LiveServer, corpus) -> None:  # type: ignore[no-untyped-def]
-    out = ting("chat", "-i", str(corpus["amr_wb_en"].path), "--url", server.url, "--max-tokens", "6",
-               stdin="What is said?\nAnd then?\n\n")
+    out = ting(
+        "chat",
+        "-i",
+        str(corpus["amr_wb_en"].path),
+        "--url",
+        server.url,
+        "--max-tokens",
+        "6",
+        stdin="What is said?\nAnd then?\n\n",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("> ") == 3  # two questions, then the empty line that ends it
     answers = [line for line in out.stdout.split("> ") if line.strip()]
@@ -305,6 +337,14 @@ def test_the_commands_explain_what_went_wrong(engine, tmp_path: Path, corpus) ->
     with live_server(engine, tmp_path, api_key=("sk-right",)) as s:
         wrong = ting("chat", str(corpus["flac_en"].path), "hi", "--url", s.url, "--api-key", "sk-wrong")
         assert wrong.returncode == 1 and "InvalidApiKey" in wrong.stderr and "--api-key" in wrong.stderr
-        right = ting("chat", str(corpus["flac_en"].path), "hi", "--url", s.url, "--max-tokens", "3",
-                     env={"DASHSCOPE_API_KEY": "sk-right"})
+        right = ting(
+            "chat",
+            str(corpus["flac_en"].path),
+            "hi",
+            "--url",
+            s.url,
+            "--max-tokens",
+            "3",
+            env={"DASHSCOPE_API_KEY": "sk-right"},
+        )
         assert right.returncode == 0, right.stderr

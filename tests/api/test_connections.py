@@ -36,8 +36,14 @@ class GuardedServer(LiveServer):
 
 
 def serve(engine: Any, home: Path, **overrides: Any) -> GuardedServer:
-    options: dict[str, Any] = dict(model="qwen2-audio-tiny", home=str(home), header_timeout_s=1.5,
-                                   body_timeout_s=1.5, keep_alive_s=1.0, max_connections=50)
+    options: dict[str, Any] = dict(
+        model="qwen2-audio-tiny",
+        home=str(home),
+        header_timeout_s=1.5,
+        body_timeout_s=1.5,
+        keep_alive_s=1.0,
+        max_connections=50,
+    )
     options.update(overrides)
     return GuardedServer(Settings(**options), engine).start()
 
@@ -99,8 +105,10 @@ def test_a_slowloris_header_sender_is_cut_off(guarded: GuardedServer) -> None:
 
 def test_a_stalled_request_body_is_cut_off(guarded: GuardedServer) -> None:
     with connect(guarded) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"model\": \"qwen")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"model": "qwen'
+        )
         answer = read_until_closed(sock)
     assert b" 200 " not in answer[:20]
 
@@ -108,8 +116,10 @@ def test_a_stalled_request_body_is_cut_off(guarded: GuardedServer) -> None:
 def test_keep_alive_and_ordinary_requests_still_work(guarded: GuardedServer) -> None:
     with httpx.Client(base_url=guarded.url, timeout=60) as client:
         for _ in range(3):  # one connection, reused
-            r = client.post("/v1/chat/completions", json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": [
-                {"role": "user", "content": "hi"}]})
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "qwen-audio-turbo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert r.status_code == 200, r.text
 
 

@@ -25,8 +25,9 @@ def data_uri(path: Path, mime: str = "") -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def request(audio: str | None, text: str | None = "What is said?", model: str = "qwen-audio-turbo",
-            **parameters: Any) -> dict[str, Any]:
+def request(
+    audio: str | None, text: str | None = "What is said?", model: str = "qwen-audio-turbo", **parameters: Any
+) -> dict[str, Any]:
     content: list[dict[str, str]] = []
     if audio is not None:
         content.append({"audio": audio})
@@ -71,8 +72,9 @@ def test_the_non_stream_body_is_the_documented_shape(server: LiveServer, wav: st
 
 
 @pytest.mark.parametrize("incremental", [True, False, None])
-def test_the_stream_is_framed_exactly_as_dashscope_frames_it(server: LiveServer, wav: str,
-                                                             incremental: bool | None) -> None:
+def test_the_stream_is_framed_exactly_as_dashscope_frames_it(
+    server: LiveServer, wav: str, incremental: bool | None
+) -> None:
     params: dict[str, Any] = dict(temperature=0, max_tokens=20)
     if incremental is not None:
         params["incremental_output"] = incremental
@@ -117,7 +119,8 @@ def test_the_last_incremental_event_carries_empty_content_byte_for_byte(server: 
         f"id:{len(frames) - 1}\nevent:result\n:HTTP_STATUS/200\n"
         f'data:{{"output":{{"choices":[{{"message":{{"role":"assistant","content":[]}},"finish_reason":"{reason}"}}]}},'
         f'"usage":{{"input_tokens":{usage["input_tokens"]},"output_tokens":{usage["output_tokens"]},'
-        f'"audio_tokens":{usage["audio_tokens"]}}},"request_id":"{r.headers["x-request-id"]}"}}')
+        f'"audio_tokens":{usage["audio_tokens"]}}},"request_id":"{r.headers["x-request-id"]}"}}'
+    )
     before = json.loads(frames[-3].split("\ndata:", 1)[1])  # the text ended in the event before, unfinished
     assert before["output"]["choices"][0]["finish_reason"] == "null"
     assert before["output"]["choices"][0]["message"]["content"][0]["text"]
@@ -126,6 +129,7 @@ def test_the_last_incremental_event_carries_empty_content_byte_for_byte(server: 
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_length_is_max_tokens(server: LiveServer, wav: str, stream: bool) -> None:
     """The Java SDK's maxLength arrives as parameters.max_length; max_tokens wins when both are given."""
+
     def output_tokens(**params: Any) -> tuple[int, str]:
         r = post(server, request(wav, temperature=0, repetition_penalty=1.0, **params), stream=stream)
         assert r.status_code == 200, r.text
@@ -156,20 +160,34 @@ def test_missing_parameters_and_unknown_keys_are_fine(server: LiveServer, wav: s
 
 
 def test_string_content_for_system_and_assistant(server: LiveServer, wav: str) -> None:
-    body = {"model": "qwen-audio-chat", "input": {"messages": [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [{"audio": wav}, {"text": "Hi"}]},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": [{"text": "Again?"}]},
-    ]}, "parameters": {"max_tokens": 4}}
+    body = {
+        "model": "qwen-audio-chat",
+        "input": {
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"audio": wav}, {"text": "Hi"}]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"text": "Again?"}]},
+            ]
+        },
+        "parameters": {"max_tokens": 4},
+    }
     assert post(server, body).status_code == 200
 
 
-@pytest.mark.parametrize(("model", "max_output"), [
-    ("qwen-audio-turbo", 1500), ("qwen-audio-turbo-latest", 2048), ("qwen-audio-turbo-2024-12-04", 2048),
-    ("qwen-audio-turbo-1204", 2048), ("qwen-audio-turbo-2024-08-07", 1500), ("qwen-audio-turbo-0807", 1500),
-    ("qwen2-audio-instruct", 1500), ("qwen-audio-chat", 1500),
-])
+@pytest.mark.parametrize(
+    ("model", "max_output"),
+    [
+        ("qwen-audio-turbo", 1500),
+        ("qwen-audio-turbo-latest", 2048),
+        ("qwen-audio-turbo-2024-12-04", 2048),
+        ("qwen-audio-turbo-1204", 2048),
+        ("qwen-audio-turbo-2024-08-07", 1500),
+        ("qwen-audio-turbo-0807", 1500),
+        ("qwen2-audio-instruct", 1500),
+        ("qwen-audio-chat", 1500),
+    ],
+)
 def test_every_model_name_with_its_documented_limits(server: LiveServer, model: str, max_output: int) -> None:
     ok = post(server, request(None, "hello", model=model, max_tokens=max_output, stop=["x", "e", "a", " "]))
     assert ok.status_code == 200, ok.text
@@ -182,7 +200,10 @@ def test_a_prompt_past_the_input_limit(server: LiveServer) -> None:
     long_text = " ".join(f"word{i}" for i in range(4000))  # well over 6000 tokens with the tiny vocabulary
     r = post(server, request(None, long_text, max_tokens=4))
     assert (r.status_code, r.json()["code"], r.json()["message"]) == (
-        400, "InvalidParameter", "Range of input length should be [1, 6000]")
+        400,
+        "InvalidParameter",
+        "Range of input length should be [1, 6000]",
+    )
 
 
 def test_served_model_names_are_added(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -205,61 +226,98 @@ def check_error(r: httpx.Response, status: int, code: str, message: str | None =
     return body
 
 
-@pytest.mark.parametrize(("body", "code", "message"), [
-    (b"{not json", "BadRequest.IllegalInput", "The input parameter requires json format."),
-    (b"[1, 2]", "BadRequest.IllegalInput", "The input parameter requires json format."),
-    (b'{"input": {"messages": []}}', "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'),
-    (b'{"model": "qwen-audio-turbo"}', "BadRequest.EmptyInput", "Required input parameter missing from request."),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": []}}', "InvalidParameter",
-     "The input messages do not contain elements with the role of user."),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "system", "content": "x"}]}}',
-     "InvalidParameter", "The input messages do not contain elements with the role of user."),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "robot", "content": "x"}]}}',
-     "InvalidParameter", None),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": "x"}, '
-     b'{"role": "system", "content": "late"}]}}',
-     "InvalidParameter", "The system message must be the first of input.messages."),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"image": "x"}]}]}}',
-     "InvalidParameter", None),
-    (b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": 5}]}]}}',
-     "InvalidParameter", None),
-    (b'{"model": "nope", "input": {"messages": [{"role": "user", "content": "x"}]}}', "InvalidParameter",
-     "Model not exist."),
-])
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (b"{not json", "BadRequest.IllegalInput", "The input parameter requires json format."),
+        (b"[1, 2]", "BadRequest.IllegalInput", "The input parameter requires json format."),
+        (b'{"input": {"messages": []}}', "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'),
+        (b'{"model": "qwen-audio-turbo"}', "BadRequest.EmptyInput", "Required input parameter missing from request."),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": []}}',
+            "InvalidParameter",
+            "The input messages do not contain elements with the role of user.",
+        ),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "system", "content": "x"}]}}',
+            "InvalidParameter",
+            "The input messages do not contain elements with the role of user.",
+        ),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "robot", "content": "x"}]}}',
+            "InvalidParameter",
+            None,
+        ),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": "x"}, '
+            b'{"role": "system", "content": "late"}]}}',
+            "InvalidParameter",
+            "The system message must be the first of input.messages.",
+        ),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"image": "x"}]}]}}',
+            "InvalidParameter",
+            None,
+        ),
+        (
+            b'{"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": 5}]}]}}',
+            "InvalidParameter",
+            None,
+        ),
+        (
+            b'{"model": "nope", "input": {"messages": [{"role": "user", "content": "x"}]}}',
+            "InvalidParameter",
+            "Model not exist.",
+        ),
+    ],
+)
 def test_malformed_requests(server: LiveServer, body: bytes, code: str, message: str | None) -> None:
     check_error(post(server, body), 400, code, message)
     check_error(post(server, body, stream=True), 400, code, message)  # before the first event: JSON too
 
 
-@pytest.mark.parametrize(("parameters", "message"), [
-    ({"temperature": 2.0}, "Temperature should be in [0.0, 2.0)"),
-    ({"temperature": -0.1}, "Temperature should be in [0.0, 2.0)"),
-    ({"top_p": 0}, "Range of top_p should be (0.0, 1.0]"),
-    ({"top_p": 1.5}, "Range of top_p should be (0.0, 1.0]"),
-    ({"presence_penalty": 2.5}, "Presence_penalty should be in [-2.0, 2.0]"),
-    ({"repetition_penalty": 0}, "Repetition_penalty should be greater than 0.0"),
-    ({"seed": -1}, "Range of seed should be [0, 2147483647]"),
-    ({"max_tokens": 0}, "Range of max_tokens should be [1, 1500]"),
-    ({"top_k": -1}, None), ({"n": 2}, None), ({"tools": [{"type": "function"}]}, None),
-    ({"max_tokens": "many"}, None), ({"stop": [1, "a"]}, None),
-])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"temperature": 2.0}, "Temperature should be in [0.0, 2.0)"),
+        ({"temperature": -0.1}, "Temperature should be in [0.0, 2.0)"),
+        ({"top_p": 0}, "Range of top_p should be (0.0, 1.0]"),
+        ({"top_p": 1.5}, "Range of top_p should be (0.0, 1.0]"),
+        ({"presence_penalty": 2.5}, "Presence_penalty should be in [-2.0, 2.0]"),
+        ({"repetition_penalty": 0}, "Repetition_penalty should be greater than 0.0"),
+        ({"seed": -1}, "Range of seed should be [0, 2147483647]"),
+        ({"max_tokens": 0}, "Range of max_tokens should be [1, 1500]"),
+        ({"top_k": -1}, None),
+        ({"n": 2}, None),
+        ({"tools": [{"type": "function"}]}, None),
+        ({"max_tokens": "many"}, None),
+        ({"stop": [1, "a"]}, None),
+    ],
+)
 def test_parameter_ranges(server: LiveServer, parameters: dict[str, Any], message: str | None) -> None:
     check_error(post(server, request(None, "hi", **parameters)), 400, "InvalidParameter", message)
 
 
-def test_every_ingestion_failure_reaches_the_client_as_its_code(server: LiveServer, media: MediaHost, corpus,
-                                                                  tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_ingestion_failure_reaches_the_client_as_its_code(
+    server: LiveServer, media: MediaHost, corpus, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     short = C.write_wav(tmp_path / "short.wav", C.tone(0.01))
     cases = [
         ("data:;base64,", "InvalidParameter", "The audio is empty"),
         ("", "InvalidParameter", "The audio is empty"),
         (data_uri(short), "InvalidParameter", None),
-        ("data:;base64," + base64.b64encode(b"<html>hi</html>").decode(), "InvalidParameter",
-         "The audio format is illegal and cannot be opened."),
+        (
+            "data:;base64," + base64.b64encode(b"<html>hi</html>").decode(),
+            "InvalidParameter",
+            "The audio format is illegal and cannot be opened.",
+        ),
         ("data:;base64,!!!!", "InvalidParameter", None),
         ("data:audio/wav,raw", "InvalidParameter", None),
-        ("data:;base64," + "A" * (10 * 1024 * 1024 + 4), "InvalidParameter",
-         "Exceeded limit on max bytes per data-uri item : 10485760"),
+        (
+            "data:;base64," + "A" * (10 * 1024 * 1024 + 4),
+            "InvalidParameter",
+            "Exceeded limit on max bytes per data-uri item : 10485760",
+        ),
         ("http://169.254.169.254/latest/meta-data/", "InvalidURL", None),
         ("http://10.0.0.1/a.wav", "InvalidURL", None),
         ("file:///etc/passwd", "InvalidURL", None),
@@ -272,8 +330,12 @@ def test_every_ingestion_failure_reaches_the_client_as_its_code(server: LiveServ
     for audio, code, message in cases:
         body = check_error(post(server, request(audio)), 400, code, message)
         assert "Traceback" not in body["message"]
-    nine = {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
-        {"audio": data_uri(corpus["flac_en"].path)} for _ in range(9)]}]}}
+    nine = {
+        "model": "qwen-audio-turbo",
+        "input": {
+            "messages": [{"role": "user", "content": [{"audio": data_uri(corpus["flac_en"].path)} for _ in range(9)]}]
+        },
+    }
     check_error(post(server, nine), 400, "InvalidParameter", "Too many audio items: at most 8 per request.")
 
 
@@ -302,26 +364,41 @@ def test_with_api_keys_any_other_key_is_refused(engine, tmp_path: Path, wav: str
 
 
 def get_policy(server: LiveServer, token: str = "sk-test") -> dict[str, Any]:
-    r = httpx.get(server.url + "/api/v1/uploads", params={"action": "getPolicy", "model": "qwen-audio-turbo"},
-                  headers={"Authorization": f"Bearer {token}"})
+    r = httpx.get(
+        server.url + "/api/v1/uploads",
+        params={"action": "getPolicy", "model": "qwen-audio-turbo"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert r.status_code == 200
     return r.json()["data"]
 
 
 def upload(cert: dict[str, Any], name: str, data: bytes, **override: str) -> httpx.Response:
     """The SDK's form upload (contract §4.1 step 2), fields in the SDK's order."""
-    fields = {"OSSAccessKeyId": cert["oss_access_key_id"], "Signature": cert["signature"],
-              "policy": cert["policy"], "key": f"{cert['upload_dir']}/{name}",
-              "x-oss-object-acl": cert["x_oss_object_acl"], "x-oss-forbid-overwrite": cert["x_oss_forbid_overwrite"],
-              "success_action_status": "200"}
+    fields = {
+        "OSSAccessKeyId": cert["oss_access_key_id"],
+        "Signature": cert["signature"],
+        "policy": cert["policy"],
+        "key": f"{cert['upload_dir']}/{name}",
+        "x-oss-object-acl": cert["x_oss_object_acl"],
+        "x-oss-forbid-overwrite": cert["x_oss_forbid_overwrite"],
+        "success_action_status": "200",
+    }
     fields.update(override)
     return httpx.post(cert["upload_host"], data=fields, files={"file": (name, data)})
 
 
 def test_the_upload_flow_binds_files_to_their_key(server: LiveServer, corpus) -> None:  # type: ignore[no-untyped-def]
     policy = get_policy(server, "sk-alice")
-    for field in ("upload_host", "upload_dir", "oss_access_key_id", "signature", "policy", "x_oss_object_acl",
-                  "x_oss_forbid_overwrite"):
+    for field in (
+        "upload_host",
+        "upload_dir",
+        "oss_access_key_id",
+        "signature",
+        "policy",
+        "x_oss_object_acl",
+        "x_oss_forbid_overwrite",
+    ):
         assert isinstance(policy[field], str) and policy[field]
     assert policy["upload_host"] == server.url + "/api/v1/uploads/oss"
     data = corpus["wav_pcm_s16_zh"].path.read_bytes()
@@ -338,8 +415,9 @@ def test_the_upload_flow_binds_files_to_their_key(server: LiveServer, corpus) ->
 
 def test_uploads_are_checked_against_their_signed_policy(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     policy = get_policy(server)
-    forged = base64.b64encode(json.dumps({"upload_dir": "x", "exp": 9e12, "owner": "someone-else",
-                                          "max_bytes": 10**9}).encode()).decode()
+    forged = base64.b64encode(
+        json.dumps({"upload_dir": "x", "exp": 9e12, "owner": "someone-else", "max_bytes": 10**9}).encode()
+    ).decode()
     assert upload(policy, "a.wav", b"RIFF", policy=forged).json()["code"] == "SignatureDoesNotMatch"
     assert upload(policy, "a.wav", b"RIFF", Signature="AAAA").status_code == 403
     outside = upload(policy, "a.wav", b"RIFF", key="dashscope-instant/other/a.wav")
@@ -375,8 +453,13 @@ def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: s
     engine = server.runtime.engine
     aborted = engine.stats.aborted
     headers = {"Authorization": "Bearer sk-test", "X-DashScope-SSE": "enable"}
-    with httpx.stream("POST", server.url + "/api/v1/services/aigc/multimodal-generation/generation", headers=headers,
-                      json=request(wav, max_tokens=1500, temperature=0), timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/api/v1/services/aigc/multimodal-generation/generation",
+        headers=headers,
+        json=request(wav, max_tokens=1500, temperature=0),
+        timeout=30,
+    ) as r:
         seen = 0
         for line in r.iter_lines():
             seen += line.startswith("data:")
@@ -388,11 +471,10 @@ def test_a_client_that_hangs_up_aborts_the_generation(server: LiveServer, wav: s
     assert engine.stats.aborted == aborted + 1
 
 
-@pytest.mark.parametrize("path", ["/api/v1/services/aigc/multimodal-generation/generation",
-                                  "/v1/audio/transcriptions"])
+@pytest.mark.parametrize("path", ["/api/v1/services/aigc/multimodal-generation/generation", "/v1/audio/transcriptions"])
 def test_a_client_that_hangs_up_before_a_plain_answer_is_ready_aborts_it_quietly(  # type: ignore[no-untyped-def]
-        engine, tmp_path: Path, wav: str, path: str, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    engine, tmp_path: Path, wav: str, path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     aborted = engine.stats.aborted
 
     def access() -> list[dict[str, Any]]:
@@ -402,12 +484,21 @@ def test_a_client_that_hangs_up_before_a_plain_answer_is_ready_aborts_it_quietly
     with live_server(engine, tmp_path) as s, caplog.at_level(logging.INFO):
         slow_down_steps(engine, monkeypatch, 0.1)  # the answer takes long: the client hangs up while it runs
         if path.endswith("/generation"):
-            sent = httpx.Request("POST", s.url + path, json=request(wav, max_tokens=200, temperature=0),
-                                 headers={"Authorization": "Bearer sk-test"})
+            sent = httpx.Request(
+                "POST",
+                s.url + path,
+                json=request(wav, max_tokens=200, temperature=0),
+                headers={"Authorization": "Bearer sk-test"},
+            )
         else:
             audio = base64.b64decode(wav.split(",", 1)[1])
-            sent = httpx.Request("POST", s.url + path, headers={"Authorization": "Bearer sk-test"},
-                                 files={"file": ("a.wav", audio)}, data={"model": "qwen-audio-turbo"})
+            sent = httpx.Request(
+                "POST",
+                s.url + path,
+                headers={"Authorization": "Bearer sk-test"},
+                files={"file": ("a.wav", audio)},
+                data={"model": "qwen-audio-turbo"},
+            )
         hang_up_when(sent, lambda: engine.stats.running >= 1, "the request to reach the engine")
         wait_for(lambda: engine.stats.aborted > aborted, "the engine to abort the request")
         wait_for(lambda: bool(access()), "the access-log line")
@@ -419,7 +510,8 @@ def test_a_client_that_hangs_up_before_a_plain_answer_is_ready_aborts_it_quietly
 
 
 def test_a_hang_up_during_admission_still_leaves_exactly_one_settled_ledger_row(  # type: ignore[no-untyped-def]
-        engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with live_server(engine, tmp_path) as s:
         quota = s.runtime.store.quota
         real_admit = quota.admit
@@ -431,8 +523,13 @@ def test_a_hang_up_during_admission_still_leaves_exactly_one_settled_ledger_row(
         monkeypatch.setattr(quota, "admit", slow_admit)
         audio = base64.b64decode(wav.split(",", 1)[1])
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/audio/transcriptions", headers={"Authorization": "Bearer sk-test"}, timeout=0.3,
-                       files={"file": ("a.wav", audio)}, data={"model": "qwen-audio-turbo"})
+            httpx.post(
+                s.url + "/v1/audio/transcriptions",
+                headers={"Authorization": "Bearer sk-test"},
+                timeout=0.3,
+                files={"file": ("a.wav", audio)},
+                data={"model": "qwen-audio-turbo"},
+            )
         deadline = time.monotonic() + 10
         rows: list[Any] = []
         while not rows and time.monotonic() < deadline:
@@ -443,7 +540,8 @@ def test_a_hang_up_during_admission_still_leaves_exactly_one_settled_ledger_row(
 
 
 def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: ignore[no-untyped-def]
-        engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, tmp_path: Path, wav: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with live_server(engine, tmp_path, heartbeat_s=0.02) as s:
         plain = post(s, request(wav, temperature=0, max_tokens=4)).json()
         # Every decoding step takes 0.2 s, ten heartbeat periods: silence no machine is too fast or slow for.
@@ -452,8 +550,11 @@ def test_keep_alive_comments_during_silence_do_not_disturb_the_events(  # type: 
         monkeypatch.undo()
     assert r.text.count(":keepalive\n\n") >= 4
     contents = [d["output"]["choices"][0]["message"]["content"] for *_, d in events(r.text)]
-    assert contents[-1] == [] and "".join(c[0]["text"] for c in contents[:-1]) == \
-        plain["output"]["choices"][0]["message"]["content"][0]["text"]
+    assert (
+        contents[-1] == []
+        and "".join(c[0]["text"] for c in contents[:-1])
+        == plain["output"]["choices"][0]["message"]["content"][0]["text"]
+    )
 
 
 def test_health_and_access_log(server: LiveServer, wav: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -67,8 +67,11 @@ def test_multi_turn(media: MediaHost) -> None:
 def test_streaming(media: MediaHost, incremental: bool) -> None:
     messages = [{"role": "user", "content": [{"audio": media.url("wav_pcm_s16_en")}, {"text": "What is said?"}]}]
     whole = answer(MultiModalConversation.call(model="qwen-audio-turbo-latest", messages=messages, **GREEDY))
-    responses = list(MultiModalConversation.call(model="qwen-audio-turbo-latest", messages=messages, stream=True,
-                                                 incremental_output=incremental, **GREEDY))
+    responses = list(
+        MultiModalConversation.call(
+            model="qwen-audio-turbo-latest", messages=messages, stream=True, incremental_output=incremental, **GREEDY
+        )
+    )
     assert len(responses) > 1
     # SDK >= 1.24 turns incremental_output=False into deltas on the wire and adds them up itself.
     if incremental:  # the last event carries no content, as the hosted API's (the examples print only if some)
@@ -113,23 +116,38 @@ def test_base64_audio(corpus) -> None:  # type: ignore[no-untyped-def]
 def test_several_audios_and_a_system_message(media: MediaHost) -> None:
     messages = [
         {"role": "system", "content": [{"text": "You are a helpful assistant."}]},
-        {"role": "user", "content": [{"audio": media.url("flac_en")}, {"audio": media.url("ogg_opus_zh")},
-                                     {"text": "Which one is in Chinese?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"audio": media.url("flac_en")},
+                {"audio": media.url("ogg_opus_zh")},
+                {"text": "Which one is in Chinese?"},
+            ],
+        },
     ]
     response = MultiModalConversation.call(model="qwen2-audio-instruct", messages=messages, **GREEDY)
     answer(response)
 
 
 def test_errors_come_back_as_sdk_responses(media: MediaHost) -> None:
-    bad = MultiModalConversation.call(model="qwen-audio-turbo", messages=[
-        {"role": "user", "content": [{"audio": media.url("not-audio.html")}, {"text": "?"}]}])
+    bad = MultiModalConversation.call(
+        model="qwen-audio-turbo",
+        messages=[{"role": "user", "content": [{"audio": media.url("not-audio.html")}, {"text": "?"}]}],
+    )
     assert (bad.status_code, bad.code) == (400, "InvalidParameter")
     assert bad.message == "The audio format is illegal and cannot be opened."
     unknown = MultiModalConversation.call(model="qwen-vl-max", messages=[{"role": "user", "content": [{"text": "hi"}]}])
     assert (unknown.status_code, unknown.code, unknown.message) == (400, "InvalidParameter", "Model not exist.")
-    too_many = MultiModalConversation.call(model="qwen-audio-turbo", max_tokens=1501, messages=[
-        {"role": "user", "content": [{"text": "hi"}]}])
+    too_many = MultiModalConversation.call(
+        model="qwen-audio-turbo", max_tokens=1501, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+    )
     assert (too_many.status_code, too_many.message) == (400, "Range of max_tokens should be [1, 1500]")
-    streamed = list(MultiModalConversation.call(model="qwen-audio-turbo", stream=True, incremental_output=True,
-                                                messages=[{"role": "user", "content": [{"audio": "ftp://x/a.mp3"}]}]))
+    streamed = list(
+        MultiModalConversation.call(
+            model="qwen-audio-turbo",
+            stream=True,
+            incremental_output=True,
+            messages=[{"role": "user", "content": [{"audio": "ftp://x/a.mp3"}]}],
+        )
+    )
     assert (streamed[-1].status_code, streamed[-1].code) == (400, "InvalidURL")

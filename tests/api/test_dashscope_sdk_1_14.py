@@ -23,16 +23,36 @@ def results(server: LiveServer, media: MediaHost, corpus, tmp_path_factory) -> d
     local = tmp_path_factory.mktemp("sdk114") / "recording.wav"
     local.write_bytes(corpus["wav_pcm_s16_zh"].path.read_bytes())
     env = {**os.environ, "PYTHONPATH": str(SDK)}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("sdk_examples.py")), server.dashscope_base,
-                          media.url("welcome.mp3"), str(local), str(corpus["amr_wb_zh"].path)],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=str(SDK))
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sdk_examples.py")),
+            server.dashscope_base,
+            media.url("welcome.mp3"),
+            str(local),
+            str(corpus["amr_wb_zh"].path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(SDK),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     grouped: dict[str, list[dict]] = {}
     for line in out.stdout.splitlines():
         item = json.loads(line)
         grouped.setdefault(item["example"], []).append(item)
-    assert "dashscope-1.14.1" in subprocess.run([sys.executable, "-c", "import dashscope; print(dashscope.__file__)"],
-                                                env=env, capture_output=True, text=True, cwd=str(SDK)).stdout
+    assert (
+        "dashscope-1.14.1"
+        in subprocess.run(
+            [sys.executable, "-c", "import dashscope; print(dashscope.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=str(SDK),
+        ).stdout
+    )
     return grouped
 
 

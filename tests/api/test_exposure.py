@@ -19,11 +19,19 @@ def mode(path: Path) -> int:
 def test_the_data_directory_database_and_uploads_are_private(engine: Any, tmp_path: Path) -> None:
     home = tmp_path / "new" / "home"
     with live_server(engine, home) as s:
-        r = httpx.get(s.url + "/api/v1/uploads", params={"action": "getPolicy", "model": "qwen-audio-turbo"},
-                      headers={"Authorization": "Bearer sk-test"})
+        r = httpx.get(
+            s.url + "/api/v1/uploads",
+            params={"action": "getPolicy", "model": "qwen-audio-turbo"},
+            headers={"Authorization": "Bearer sk-test"},
+        )
         cert = r.json()["data"]
-        fields = {"OSSAccessKeyId": cert["oss_access_key_id"], "Signature": cert["signature"],
-                  "policy": cert["policy"], "key": f"{cert['upload_dir']}/a.wav", "success_action_status": "200"}
+        fields = {
+            "OSSAccessKeyId": cert["oss_access_key_id"],
+            "Signature": cert["signature"],
+            "policy": cert["policy"],
+            "key": f"{cert['upload_dir']}/a.wav",
+            "success_action_status": "200",
+        }
         assert httpx.post(cert["upload_host"], data=fields, files={"file": ("a.wav", b"RIFF0000")}).status_code == 200
         assert mode(home) == 0o700
         assert mode(home / "ting.db") == 0o600
@@ -66,8 +74,11 @@ def chat_body() -> dict[str, Any]:
 
 
 def dashscope_body() -> dict[str, Any]:
-    return {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
-            "parameters": {"max_tokens": 2}}
+    return {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+        "parameters": {"max_tokens": 2},
+    }
 
 
 def test_an_open_server_answers_only_to_loopback_host_names(engine: Any, tmp_path: Path) -> None:
@@ -80,8 +91,15 @@ def test_an_open_server_answers_only_to_loopback_host_names(engine: Any, tmp_pat
             o = httpx.post(s.url + CHAT, json=chat_body(), headers={"Host": host}, timeout=60)
             assert o.status_code == 403 and o.json()["error"]["code"] == "access_denied", host
             assert httpx.get(s.url + "/health", headers={"Host": host}).status_code == 403
-        for host in (f"localhost:{s.port}", "127.0.0.1", f"[::1]:{s.port}", "app.localhost", "10.1.2.3:80",
-                     "ting.example.com", "TING.LAN:8000"):
+        for host in (
+            f"localhost:{s.port}",
+            "127.0.0.1",
+            f"[::1]:{s.port}",
+            "app.localhost",
+            "10.1.2.3:80",
+            "ting.example.com",
+            "TING.LAN:8000",
+        ):
             r = httpx.post(s.url + GENERATION, json=dashscope_body(), headers={"Host": host}, timeout=60)
             assert r.status_code == 200, (host, r.text)
 
@@ -90,8 +108,13 @@ def test_an_open_server_refuses_cross_site_browser_requests(engine: Any, tmp_pat
     wav = corpus["wav_8k_en"].path.read_bytes()
     with live_server(engine, tmp_path, cors_origins=("https://app.example",)) as s:
         # a cross-site multipart form POST (no preflight needed) is refused before it is processed
-        r = httpx.post(s.url + TRANSCRIPTIONS, data={"model": "qwen-audio-turbo"}, files={"file": ("a.wav", wav)},
-                       headers={"Origin": "https://evil.example"}, timeout=60)
+        r = httpx.post(
+            s.url + TRANSCRIPTIONS,
+            data={"model": "qwen-audio-turbo"},
+            files={"file": ("a.wav", wav)},
+            headers={"Origin": "https://evil.example"},
+            timeout=60,
+        )
         assert r.status_code == 403 and "Cross-origin" in r.json()["error"]["message"]
         for origin in ("https://evil.example", "null", f"http://localhost:{s.port}.evil.example"):
             r = httpx.post(s.url + GENERATION, json=dashscope_body(), headers={"Origin": origin}, timeout=60)
@@ -105,9 +128,16 @@ def test_an_open_server_refuses_cross_site_browser_requests(engine: Any, tmp_pat
 
 def test_with_a_key_the_host_and_origin_checks_step_aside(engine: Any, tmp_path: Path) -> None:
     with live_server(engine, tmp_path, api_key=("sk-good",)) as s:  # e.g. behind a proxy that forwards its Host
-        r = httpx.post(s.url + CHAT, json=chat_body(), timeout=60,
-                       headers={"Host": "ting.example.org", "Origin": "https://elsewhere.example",
-                                "Authorization": "Bearer sk-good"})
+        r = httpx.post(
+            s.url + CHAT,
+            json=chat_body(),
+            timeout=60,
+            headers={
+                "Host": "ting.example.org",
+                "Origin": "https://elsewhere.example",
+                "Authorization": "Bearer sk-good",
+            },
+        )
         assert r.status_code == 200, r.text
         r = httpx.post(s.url + CHAT, json=chat_body(), headers={"Host": "ting.example.org"}, timeout=60)
         assert r.status_code == 401

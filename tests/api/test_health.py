@@ -27,16 +27,24 @@ def test_health_is_503_until_the_model_is_loaded(tiny_dir: Path, tmp_path: Path)
         loading = httpx.get(server.url + "/health")
         assert (loading.status_code, loading.json()["status"]) == (503, "loading")
         assert httpx.get(server.url + "/health/live").status_code == 200
-        early = post(server, {"model": "qwen-audio-turbo", "input": {"messages": [
-            {"role": "user", "content": [{"text": "hi"}]}]}})
+        early = post(
+            server,
+            {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}},
+        )
         assert (early.status_code, early.json()["code"]) == (503, "ModelUnavailable") and early.headers["retry-after"]
         gate.set()
         deadline = time.monotonic() + 30
         while httpx.get(server.url + "/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        ok = post(server, {"model": "qwen-audio-turbo", "input": {"messages": [
-            {"role": "user", "content": [{"text": "hi"}]}]}, "parameters": {"max_tokens": 2}})
+        ok = post(
+            server,
+            {
+                "model": "qwen-audio-turbo",
+                "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                "parameters": {"max_tokens": 2},
+            },
+        )
         assert ok.status_code == 200
     finally:
         gate.set()

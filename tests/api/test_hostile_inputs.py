@@ -22,8 +22,10 @@ OPENAI_CHAT = "/v1/chat/completions"
 
 
 def dashscope(text: str = "Hi", **parameters: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "qwen-audio-turbo",
-                            "input": {"messages": [{"role": "user", "content": [{"text": text}]}]}}
+    body: dict[str, Any] = {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"text": text}]}]},
+    }
     body["parameters"] = {"max_tokens": 2, **parameters}
     return body
 
@@ -95,19 +97,24 @@ def test_absurd_bodies_are_refused_at_validation(server: LiveServer, prepared: C
     assert prepared.calls == 0
 
 
-def test_a_prompt_within_the_estimate_is_tokenized_on_its_own_threads(server: LiveServer,
-                                                                        prepared: CountedPrepare) -> None:
+def test_a_prompt_within_the_estimate_is_tokenized_on_its_own_threads(
+    server: LiveServer, prepared: CountedPrepare
+) -> None:
     assert dashscope_error(post(server, dashscope("a" * 60_000))) == "Range of input length should be [1, 6000]"
     assert post(server, dashscope("What is said?")).status_code == 200
     assert prepared.calls == 2
     assert all(name.startswith("ting-prepare") for name in prepared.threads), prepared.threads
 
 
-def test_an_ordinary_request_is_served_while_huge_ones_are_in_flight(server: LiveServer,
-                                                                     prepared: CountedPrepare) -> None:
-    huge = [lambda: post(server, dashscope(BODY_SIZED)), lambda: post(server, openai(BODY_SIZED), path=OPENAI_CHAT),
-            lambda: post(server, dashscope(TOO_MANY_CHARS)),
-            lambda: post(server, openai(TOO_MANY_CHARS), path=OPENAI_CHAT)] * 2
+def test_an_ordinary_request_is_served_while_huge_ones_are_in_flight(
+    server: LiveServer, prepared: CountedPrepare
+) -> None:
+    huge = [
+        lambda: post(server, dashscope(BODY_SIZED)),
+        lambda: post(server, openai(BODY_SIZED), path=OPENAI_CHAT),
+        lambda: post(server, dashscope(TOO_MANY_CHARS)),
+        lambda: post(server, openai(TOO_MANY_CHARS), path=OPENAI_CHAT),
+    ] * 2
     with ThreadPoolExecutor(len(huge) + 1) as pool:
         refused = [pool.submit(h) for h in huge]
         ordinary = pool.submit(post, server, dashscope("What is said?"))
@@ -139,8 +146,10 @@ def test_a_dashscope_seed_outside_its_range_is_a_400(server: LiveServer, seed: A
 # --- stop lists (issue 9, item 2) ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(200_000)], [f"s{i}" for i in range(17)], ["x" * 257],
-                                  list(range(17)), [-1], [2**40]])
+@pytest.mark.parametrize(
+    "stop",
+    [[f"s{i}" for i in range(200_000)], [f"s{i}" for i in range(17)], ["x" * 257], list(range(17)), [-1], [2**40]],
+)
 def test_a_dashscope_stop_list_past_its_bounds_is_a_400(server: LiveServer, stop: list[Any]) -> None:
     assert "stop" in dashscope_error(post(server, dashscope(stop=stop)))
 
@@ -167,13 +176,18 @@ def long_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 def transcribe(server: LiveServer, path: Path) -> httpx.Response:
     with path.open("rb") as f:
-        return httpx.post(server.url + "/v1/audio/transcriptions", files={"file": (path.name, f)},
-                          data={"model": "qwen-audio-turbo"}, headers={"Authorization": "Bearer sk-test"},
-                          timeout=120)
+        return httpx.post(
+            server.url + "/v1/audio/transcriptions",
+            files={"file": (path.name, f)},
+            data={"model": "qwen-audio-turbo"},
+            headers={"Authorization": "Bearer sk-test"},
+            timeout=120,
+        )
 
 
 def test_hours_of_audio_to_transcribe_are_refused_without_decoding_them(
-        engine, long_recordings, tmp_path: Path, test_pythonpath, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    engine, long_recordings, tmp_path: Path, test_pythonpath, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     log = tmp_path / "decoded-packets.log"  # one line per container a decoder worker opened: packets it decoded
     monkeypatch.setenv("TING_TEST_DECODE_LOG", str(log))
     server = LiveServer(Settings(model="qwen2-audio-tiny", home=str(tmp_path / "home")), engine)
@@ -211,8 +225,10 @@ async def test_large_bodies_take_turns_and_small_requests_never_wait_for_them() 
     paced = LargeBodyPacing(app, threshold_bytes=1024)
 
     async def request(path: str, size: int) -> None:
-        pieces = [{"type": "http.request", "body": b"x" * (size // 2), "more_body": True},
-                  {"type": "http.request", "body": b"x" * (size - size // 2), "more_body": False}]
+        pieces = [
+            {"type": "http.request", "body": b"x" * (size // 2), "more_body": True},
+            {"type": "http.request", "body": b"x" * (size - size // 2), "more_body": False},
+        ]
 
         async def receive() -> dict[str, Any]:
             return pieces.pop(0) if pieces else {"type": "http.disconnect"}

@@ -17,13 +17,27 @@ GENERATION = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
 def dashscope_body(wav: str, max_tokens: int = 4) -> dict[str, Any]:
-    return {"model": "qwen-audio-turbo", "input": {"messages": [{"role": "user", "content": [
-        {"audio": wav}, {"text": "What is said?"}]}]}, "parameters": {"max_tokens": max_tokens, "temperature": 0}}
+    return {
+        "model": "qwen-audio-turbo",
+        "input": {"messages": [{"role": "user", "content": [{"audio": wav}, {"text": "What is said?"}]}]},
+        "parameters": {"max_tokens": max_tokens, "temperature": 0},
+    }
 
 
 def openai_body(wav: str) -> dict[str, Any]:
-    return {"model": "qwen-audio-turbo", "max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": wav}}, {"type": "text", "text": "What is said?"}]}]}
+    return {
+        "model": "qwen-audio-turbo",
+        "max_tokens": 4,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_audio", "input_audio": {"data": wav}},
+                    {"type": "text", "text": "What is said?"},
+                ],
+            }
+        ],
+    }
 
 
 def chat(server: LiveServer, token: str | None, wav: str) -> httpx.Response:
@@ -48,7 +62,10 @@ def test_once_a_key_exists_every_request_needs_a_valid_one(engine, tmp_path: Pat
             assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
             o = chat(s, token, wav)
             assert (o.status_code, o.json()["error"]["code"], o.json()["error"]["type"]) == (
-                401, "invalid_api_key", "invalid_request_error")
+                401,
+                "invalid_api_key",
+                "invalid_request_error",
+            )
         s.run(s.runtime.store.keys.revoke(info.id))
         r = post(s, dashscope_body(wav), token=key)
         assert (r.status_code, r.json()["message"]) == (401, "Invalid API-key provided.")
@@ -66,7 +83,10 @@ def test_a_spent_quota_in_both_envelopes(engine, tmp_path: Path, wav: str) -> No
         assert r.json()["message"].startswith("The free tier of the model has been exhausted.")
         o = chat(s, key, wav)
         assert (o.status_code, o.json()["error"]["code"], o.json()["error"]["type"]) == (
-            429, "insufficient_quota", "insufficient_quota")
+            429,
+            "insufficient_quota",
+            "insufficient_quota",
+        )
 
 
 def test_rate_and_concurrency_limits(engine, tmp_path: Path, wav: str) -> None:  # type: ignore[no-untyped-def]
@@ -96,8 +116,7 @@ def test_rate_and_concurrency_limits(engine, tmp_path: Path, wav: str) -> None: 
         assert post(s, dashscope_body(wav), token=one_at_a_time).status_code == 200
 
 
-def test_two_hundred_at_once_against_room_for_exactly_ten(engine, tmp_path: Path, wav: str,
-                                                          database_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_two_hundred_at_once_against_room_for_exactly_ten(engine, tmp_path: Path, wav: str, database_url: str) -> None:  # type: ignore[no-untyped-def]
     with live_server(engine, tmp_path, database=database_url) as s:
         store = s.runtime.store
         probe, _ = s.run(store.keys.create(name="probe", quota_tokens=None))
@@ -110,8 +129,12 @@ def test_two_hundred_at_once_against_room_for_exactly_ten(engine, tmp_path: Path
         async def fire() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-                return await asyncio.gather(*(c.post(s.url + GENERATION, json=dashscope_body(wav),
-                                                     headers={"Authorization": f"Bearer {key}"}) for _ in range(200)))
+                return await asyncio.gather(
+                    *(
+                        c.post(s.url + GENERATION, json=dashscope_body(wav), headers={"Authorization": f"Bearer {key}"})
+                        for _ in range(200)
+                    )
+                )
 
         responses = asyncio.run(fire())
         codes = [r.status_code for r in responses]

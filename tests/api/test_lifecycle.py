@@ -37,16 +37,26 @@ def ledger(s: Any) -> list[Any]:
 
 
 def test_an_unexpected_error_is_a_500_with_its_request_id_recorded_as_an_error(  # type: ignore[no-untyped-def]
-        engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with live_server(engine, tmp_path) as s, caplog.at_level(logging.INFO):
+
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("injected fault")
 
         monkeypatch.setattr(engine, "resolve", broken)  # a bug of ours, after admission
-        r = httpx.post(s.url + "/api/v1/services/aigc/multimodal-generation/generation",
-                       json=request(None, "Hello"), headers={"Authorization": "Bearer sk-test"}, timeout=60)
-        o = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, timeout=60,
-                       json={"model": "qwen-audio-turbo", "messages": [{"role": "user", "content": "Hello"}]})
+        r = httpx.post(
+            s.url + "/api/v1/services/aigc/multimodal-generation/generation",
+            json=request(None, "Hello"),
+            headers={"Authorization": "Bearer sk-test"},
+            timeout=60,
+        )
+        o = httpx.post(
+            s.url + "/v1/chat/completions",
+            headers={"Authorization": "Bearer sk-test"},
+            timeout=60,
+            json={"model": "qwen-audio-turbo", "messages": [{"role": "user", "content": "Hello"}]},
+        )
         monkeypatch.undo()
         wait_for(lambda: len(ledger(s)) == 2, "two settled ledger rows")
         rows = ledger(s)
@@ -54,16 +64,25 @@ def test_an_unexpected_error_is_a_500_with_its_request_id_recorded_as_an_error( 
     assert r.headers["x-request-id"] == r.json()["request_id"]
     assert o.status_code == 500 and o.json()["error"]["type"] == "server_error" and o.headers["x-request-id"]
     assert sorted((row.request_id, row.status, row.error_code) for row in rows) == sorted(
-        [(r.headers["x-request-id"], "error", "InternalError"), (o.headers["x-request-id"], "error", "InternalError")])
+        [(r.headers["x-request-id"], "error", "InternalError"), (o.headers["x-request-id"], "error", "InternalError")]
+    )
     access = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "ting.access"]
     assert {(a["status"], a["outcome"], a["code"]) for a in access if a["path"] != "/health"} == {
-        (500, "error", "InternalError")}
-    assert sum("injected fault" in rec.getMessage() or "injected fault" in (rec.exc_text or "")
-               for rec in caplog.records if rec.levelno >= logging.ERROR) == 2  # logged once each, with its cause
+        (500, "error", "InternalError")
+    }
+    assert (
+        sum(
+            "injected fault" in rec.getMessage() or "injected fault" in (rec.exc_text or "")
+            for rec in caplog.records
+            if rec.levelno >= logging.ERROR
+        )
+        == 2
+    )  # logged once each, with its cause
 
 
 def test_a_window_that_fails_cancels_its_siblings_and_the_request_is_charged_what_ran(  # type: ignore[no-untyped-def]
-        engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     audio = wav_bytes(75.0)  # three 30 s windows
     real_generate = engine.generate
     calls: list[int] = []
@@ -85,8 +104,13 @@ def test_a_window_that_fails_cancels_its_siblings_and_the_request_is_charged_wha
     with live_server(engine, tmp_path) as s:
         aborted = engine.stats.aborted
         monkeypatch.setattr(engine, "generate", one_window_refused)
-        r = httpx.post(s.url + "/v1/audio/transcriptions", headers={"Authorization": "Bearer sk-test"}, timeout=120,
-                       files={"file": ("long.wav", audio)}, data={"model": "qwen-audio-turbo"})
+        r = httpx.post(
+            s.url + "/v1/audio/transcriptions",
+            headers={"Authorization": "Bearer sk-test"},
+            timeout=120,
+            files={"file": ("long.wav", audio)},
+            data={"model": "qwen-audio-turbo"},
+        )
         monkeypatch.undo()
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
         assert r.headers["retry-after"] == "1"

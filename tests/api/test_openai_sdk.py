@@ -47,8 +47,12 @@ def billed(path: Path) -> int:
 
 def test_chat_with_base64_audio(client: OpenAI, corpus) -> None:  # type: ignore[no-untyped-def]
     path = corpus["wav_pcm_s16_en"].path
-    r = client.chat.completions.create(model="qwen-audio-turbo", max_tokens=16, temperature=0, messages=ask(
-        {"type": "input_audio", "input_audio": {"data": b64(path), "format": "wav"}}))
+    r = client.chat.completions.create(
+        model="qwen-audio-turbo",
+        max_tokens=16,
+        temperature=0,
+        messages=ask({"type": "input_audio", "input_audio": {"data": b64(path), "format": "wav"}}),
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -60,10 +64,13 @@ def test_chat_with_base64_audio(client: OpenAI, corpus) -> None:  # type: ignore
 
 def test_chat_with_audio_urls_in_both_forms(client: OpenAI, media: MediaHost) -> None:
     greedy = dict(model="qwen2-audio-instruct", max_tokens=12, temperature=0)
-    by_input_audio = client.chat.completions.create(**greedy, messages=ask(
-        {"type": "input_audio", "input_audio": {"data": media.url("mp3_cbr_en"), "format": "mp3"}}))
-    by_audio_url = client.chat.completions.create(**greedy, messages=ask(
-        {"type": "audio_url", "audio_url": {"url": media.url("mp3_cbr_en")}}))
+    by_input_audio = client.chat.completions.create(
+        **greedy,
+        messages=ask({"type": "input_audio", "input_audio": {"data": media.url("mp3_cbr_en"), "format": "mp3"}}),
+    )
+    by_audio_url = client.chat.completions.create(
+        **greedy, messages=ask({"type": "audio_url", "audio_url": {"url": media.url("mp3_cbr_en")}})
+    )
     assert by_input_audio.choices[0].message.content == by_audio_url.choices[0].message.content
     assert by_input_audio.usage.prompt_tokens_details.audio_tokens > 25
 
@@ -71,9 +78,16 @@ def test_chat_with_audio_urls_in_both_forms(client: OpenAI, media: MediaHost) ->
 def test_streaming_with_usage(client: OpenAI, corpus) -> None:  # type: ignore[no-untyped-def]
     part = {"type": "input_audio", "input_audio": {"data": b64(corpus["ogg_opus_zh"].path), "format": "ogg"}}
     whole = client.chat.completions.create(model="qwen-audio-turbo", max_tokens=20, temperature=0, messages=ask(part))
-    chunks = list(client.chat.completions.create(model="qwen-audio-turbo", max_tokens=20, temperature=0,
-                                                 messages=ask(part), stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="qwen-audio-turbo",
+            max_tokens=20,
+            temperature=0,
+            messages=ask(part),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -82,16 +96,21 @@ def test_streaming_with_usage(client: OpenAI, corpus) -> None:  # type: ignore[n
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
-    plain = list(client.chat.completions.create(model="qwen-audio-turbo", max_tokens=5, messages=ask(part),
-                                                stream=True))
+    plain = list(
+        client.chat.completions.create(model="qwen-audio-turbo", max_tokens=5, messages=ask(part), stream=True)
+    )
     assert all(c.choices for c in plain)  # no usage chunk unless asked for
 
 
 def test_text_only_follow_ups_and_compatible_mode(server: LiveServer, corpus) -> None:  # type: ignore[no-untyped-def]
     compat = OpenAI(base_url=server.url + "/compatible-mode/v1", api_key="sk-test", max_retries=0)
     part = {"type": "input_audio", "input_audio": {"data": b64(corpus["flac_en"].path)}}
-    messages = [{"role": "system", "content": "Be brief."}, *ask(part),
-                {"role": "assistant", "content": "Someone speaks."}, {"role": "user", "content": "In which language?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        *ask(part),
+        {"role": "assistant", "content": "Someone speaks."},
+        {"role": "user", "content": "In which language?"},
+    ]
     r = compat.chat.completions.create(model="qwen-audio-turbo-latest", messages=messages, max_tokens=8)
     assert r.choices[0].message.content is not None
     names = {m.id for m in compat.models.list()}
@@ -105,10 +124,13 @@ def test_chat_errors(client: OpenAI, corpus, engine, tmp_path: Path) -> None:  #
     assert e.value.status_code == 400 and e.value.code == "invalid_audio"
     assert e.value.body["message"] == "The audio format is illegal and cannot be opened."
     with pytest.raises(openai.BadRequestError) as e:  # a late system message: refused at the wire, in OpenAI's words
-        client.chat.completions.create(model="qwen-audio-turbo", messages=[
-            {"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}])
+        client.chat.completions.create(
+            model="qwen-audio-turbo",
+            messages=[{"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}],
+        )
     assert e.value.status_code == 400 and e.value.body["message"] == (
-        "A system (or developer) message must come first in messages.")
+        "A system (or developer) message must come first in messages."
+    )
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="qwen-audio-turbo", n=2, messages=[{"role": "user", "content": "hi"}])
     assert "n must be 1" in e.value.message
@@ -116,11 +138,15 @@ def test_chat_errors(client: OpenAI, corpus, engine, tmp_path: Path) -> None:  #
         client.chat.completions.create(model="whisper-1", messages=[{"role": "user", "content": "hi"}])
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="qwen-audio-turbo", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
+        client.chat.completions.create(
+            model="qwen-audio-turbo",
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
+        )
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="qwen-audio-turbo", messages=ask(
-            {"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/latest/meta-data/"}}))
+        client.chat.completions.create(
+            model="qwen-audio-turbo",
+            messages=ask({"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/latest/meta-data/"}}),
+        )
     assert e.value.code == "invalid_url"
     with live_server(engine, tmp_path, api_key=("sk-right",)) as locked:
         wrong = OpenAI(base_url=locked.url + "/v1", api_key="sk-wrong", max_retries=0)
@@ -159,8 +185,9 @@ def test_transcription_subtitles_of_a_long_recording(client: OpenAI, long_record
     spans = windows(samples)
     assert duration > 60 and len(spans) >= 3
     with open(long_recording, "rb") as f:
-        verbose = client.audio.transcriptions.create(model="qwen-audio-turbo", file=f, language="en",
-                                                     response_format="verbose_json")
+        verbose = client.audio.transcriptions.create(
+            model="qwen-audio-turbo", file=f, language="en", response_format="verbose_json"
+        )
     assert verbose.duration == pytest.approx(duration, abs=0.01) and verbose.language == "english"
     segments = verbose.segments
     assert [(s.start, s.end) for s in segments] == [(round(a / 16000, 3), round(b / 16000, 3)) for a, b in spans]
@@ -208,8 +235,7 @@ def test_streaming_transcription_yields_deltas_then_done(client: OpenAI, long_re
     with open(long_recording, "rb") as f:
         whole = client.audio.transcriptions.create(model="qwen-audio-turbo", file=f, language="en")
     with open(long_recording, "rb") as f:
-        events = list(client.audio.transcriptions.create(model="qwen-audio-turbo", file=f, language="en",
-                                                         stream=True))
+        events = list(client.audio.transcriptions.create(model="qwen-audio-turbo", file=f, language="en", stream=True))
     kinds = [e.type for e in events]
     assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"}
     assert len(kinds) >= 3  # the recording has three windows or more: deltas come window by window
@@ -220,16 +246,32 @@ def test_streaming_transcription_yields_deltas_then_done(client: OpenAI, long_re
     assert done.usage.output_tokens == whole.usage.output_tokens
 
 
-@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations",
-                                  "/compatible-mode/v1/audio/transcriptions",
-                                  "/compatible-mode/v1/audio/translations"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/compatible-mode/v1/audio/transcriptions",
+        "/compatible-mode/v1/audio/translations",
+    ],
+)
 def test_streaming_transcription_on_the_wire(server: LiveServer, corpus, path: str) -> None:  # type: ignore[no-untyped-def]
     form = {"model": "whisper-1", "stream": "true", "temperature": "0"}
     audio = corpus["wav_pcm_s16_en"].path.read_bytes()
-    plain = httpx.post(server.url + path, data={**form, "stream": "false"}, files={"file": ("a.wav", audio)},
-                       headers={"Authorization": "Bearer sk-test"}, timeout=120)
-    r = httpx.post(server.url + path, data=form, files={"file": ("a.wav", audio)},
-                   headers={"Authorization": "Bearer sk-test"}, timeout=120)
+    plain = httpx.post(
+        server.url + path,
+        data={**form, "stream": "false"},
+        files={"file": ("a.wav", audio)},
+        headers={"Authorization": "Bearer sk-test"},
+        timeout=120,
+    )
+    r = httpx.post(
+        server.url + path,
+        data=form,
+        files={"file": ("a.wav", audio)},
+        headers={"Authorization": "Bearer sk-test"},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     frames = [f for f in r.text.split("\n\n") if f and not f.startswith(":")]
     assert all(f.startswith("data: ") and "\n" not in f for f in frames)
@@ -246,19 +288,27 @@ def test_streaming_transcription_errors_come_before_the_stream(client: OpenAI, s
     with pytest.raises(openai.BadRequestError) as e:
         client.audio.transcriptions.create(model="whisper-1", file=("x.wav", b"not audio at all"), stream=True)
     assert e.value.status_code == 400 and e.value.code == "invalid_audio"
-    r = httpx.post(server.url + "/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true",
-                   "response_format": "srt"}, files={"file": ("a.wav", b"RIFF")}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/audio/transcriptions",
+        data={"model": "whisper-1", "stream": "true", "response_format": "srt"},
+        files={"file": ("a.wav", b"RIFF")},
+        timeout=60,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
 
 
-def test_a_streaming_transcription_whose_client_hangs_up_is_settled_once(engine, tmp_path: Path, corpus,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_streaming_transcription_whose_client_hangs_up_is_settled_once(
+    engine, tmp_path: Path, corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     with live_server(engine, tmp_path) as s:
         slow_down_steps(engine, monkeypatch, 0.2)  # no window can be done before the client gives up
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"},
-                       files={"file": ("a.wav", corpus["wav_pcm_s16_en"].path.read_bytes())},
-                       timeout=httpx.Timeout(60, read=0.5))
+            httpx.post(
+                s.url + "/v1/audio/transcriptions",
+                data={"model": "whisper-1", "stream": "true"},
+                files={"file": ("a.wav", corpus["wav_pcm_s16_en"].path.read_bytes())},
+                timeout=httpx.Timeout(60, read=0.5),
+            )
         deadline = time.monotonic() + 60
         while not s.run(s.runtime.store.ledger.rows()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -293,14 +343,22 @@ def test_unknown_models_are_404_model_not_found(client: OpenAI) -> None:
 
 def test_errors_speak_openai_vocabulary(client: OpenAI, server: LiveServer) -> None:
     hi = [{"role": "user", "content": "hi"}]
-    cases = [(dict(temperature=3), "temperature"), (dict(n=2), "n"), (dict(max_tokens=100000), "max_tokens"),
-             (dict(top_p=1.5), "top_p"), (dict(stop=["a", "b", "c", "d", "e"]), "stop")]
+    cases = [
+        (dict(temperature=3), "temperature"),
+        (dict(n=2), "n"),
+        (dict(max_tokens=100000), "max_tokens"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="qwen-audio-turbo", messages=hi, **extra)
         assert (e.value.type, e.value.code, e.value.param) == ("invalid_request_error", "invalid_value", param)
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "qwen-audio-turbo", "messages": "hi"},
-                   headers={"Authorization": "Bearer sk-test"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "qwen-audio-turbo", "messages": "hi"},
+        headers={"Authorization": "Bearer sk-test"},
+    )
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "messages" and error["code"] == "invalid_value"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"})
@@ -314,8 +372,7 @@ def test_errors_speak_openai_vocabulary(client: OpenAI, server: LiveServer) -> N
 @pytest.mark.parametrize("name", ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"])
 def test_openai_transcription_model_names(client: OpenAI, corpus, name: str) -> None:  # type: ignore[no-untyped-def]
     path = corpus["mp3_cbr_en"].path
-    own = client.audio.transcriptions.create(model="qwen2-audio-tiny", file=("a.mp3", path.read_bytes()),
-                                             temperature=0)
+    own = client.audio.transcriptions.create(model="qwen2-audio-tiny", file=("a.mp3", path.read_bytes()), temperature=0)
     t = client.audio.transcriptions.create(model=name, file=("a.mp3", path.read_bytes()), temperature=0)
     assert t.text == own.text  # the served model, under OpenAI's name
     if name == "whisper-1":  # whisper-1 bills by duration, and says so
@@ -331,41 +388,55 @@ def test_word_timestamps_are_refused_and_segments_given(client: OpenAI, corpus) 
     data = corpus["wav_pcm_s16_en"].path.read_bytes()
     for granularities in (["word"], ["word", "segment"]):
         with pytest.raises(openai.BadRequestError) as e:
-            client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data), language="en",
-                                               response_format="verbose_json", timestamp_granularities=granularities)
+            client.audio.transcriptions.create(
+                model="whisper-1",
+                file=("a.wav", data),
+                language="en",
+                response_format="verbose_json",
+                timestamp_granularities=granularities,
+            )
         assert e.value.param == "timestamp_granularities" and "Word timestamps are not available" in e.value.message
-    t = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data), language="en",
-                                           response_format="verbose_json", timestamp_granularities=["segment"])
+    t = client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("a.wav", data),
+        language="en",
+        response_format="verbose_json",
+        timestamp_granularities=["segment"],
+    )
     assert t.segments and t.words is None
 
 
 def test_transcription_form_values_are_checked_at_the_wire(client: OpenAI, corpus) -> None:  # type: ignore[no-untyped-def]
     data = corpus["wav_pcm_s16_en"].path.read_bytes()
-    for extra, param, message in (({"language": "english!"}, "language", "ISO-639"),
-                                  ({"temperature": 1.5}, "temperature", "between 0 and 1")):
+    for extra, param, message in (
+        ({"language": "english!"}, "language", "ISO-639"),
+        ({"temperature": 1.5}, "temperature", "between 0 and 1"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data), **extra)
         assert e.value.param == param and message in e.value.message
 
 
-def test_verbose_json_usage_is_duration_and_language_is_detected(client: OpenAI, server: LiveServer,
-                                                                  corpus) -> None:  # type: ignore[no-untyped-def]
+def test_verbose_json_usage_is_duration_and_language_is_detected(client: OpenAI, server: LiveServer, corpus) -> None:  # type: ignore[no-untyped-def]
     data = corpus["wav_pcm_s16_zh"].path.read_bytes()
     hinted = client.audio.transcriptions.with_raw_response.create(
-        model="whisper-1", file=("a.wav", data), language="zh", response_format="verbose_json", temperature=0)
+        model="whisper-1", file=("a.wav", data), language="zh", response_format="verbose_json", temperature=0
+    )
     t = hinted.parse()
     assert t.language == "chinese"  # the hint, as Whisper names it
     assert (t.usage.type, t.usage.seconds) == ("duration", math.ceil(t.duration))
     asked = client.audio.transcriptions.with_raw_response.create(
-        model="whisper-1", file=("a.wav", data), response_format="verbose_json", temperature=0)
+        model="whisper-1", file=("a.wav", data), response_format="verbose_json", temperature=0
+    )
     detected = asked.parse()
     expected = language_from_answer(server.run(_ask_language(server, data)))
     assert detected.language == expected
     # The question is a real part of the request: one ledger row, with the answer's tokens in it (json asks nothing).
     plain = client.audio.transcriptions.with_raw_response.create(
-        model="whisper-1", file=("a.wav", data), response_format="json", temperature=0)
-    plain_row, = ledger_rows(server, plain.headers["x-request-id"])
-    asked_row, = ledger_rows(server, asked.headers["x-request-id"])
+        model="whisper-1", file=("a.wav", data), response_format="json", temperature=0
+    )
+    (plain_row,) = ledger_rows(server, plain.headers["x-request-id"])
+    (asked_row,) = ledger_rows(server, asked.headers["x-request-id"])
     assert plain.parse().text == detected.text
     assert asked_row.status == "ok" and asked_row.audio_tokens == 2 * plain_row.audio_tokens
     assert 1 <= asked_row.output_tokens - plain_row.output_tokens <= ANSWER_SAMPLING.max_tokens
@@ -380,16 +451,31 @@ async def _ask_language(server: LiveServer, data: bytes) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize(("answer", "name"), [
-    ("The language is English.", "english"), ("English", "english"), ("这段音频是中文。", "chinese"),
-    ("Mandarin Chinese", "chinese"), ("粤语", "cantonese"), ("It is spoken in French, not German.", "french"),
-    ("Haitian Creole", "haitian creole"), ("ăĸ!!zz qwe", "unknown"), ("", "unknown"),
-    ("it is a recording of someone", "unknown"),  # "it" is no language code here
-])
+@pytest.mark.parametrize(
+    ("answer", "name"),
+    [
+        ("The language is English.", "english"),
+        ("English", "english"),
+        ("这段音频是中文。", "chinese"),
+        ("Mandarin Chinese", "chinese"),
+        ("粤语", "cantonese"),
+        ("It is spoken in French, not German.", "french"),
+        ("Haitian Creole", "haitian creole"),
+        ("ăĸ!!zz qwe", "unknown"),
+        ("", "unknown"),
+        ("it is a recording of someone", "unknown"),  # "it" is no language code here
+    ],
+)
 def test_the_model_answer_maps_to_whisper_names(answer: str, name: str) -> None:
     assert language_from_answer(answer) == name
 
 
 def test_language_hints_map_to_whisper_names() -> None:
     assert [whisper_name(c) for c in ("en", "zh", "yue", "zh-CN", "EN", None)] == [
-        "english", "chinese", "cantonese", "chinese", "english", "unknown"]
+        "english",
+        "chinese",
+        "cantonese",
+        "chinese",
+        "english",
+        "unknown",
+    ]

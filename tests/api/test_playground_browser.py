@@ -25,8 +25,9 @@ def page(server: LiveServer):  # type: ignore[no-untyped-def]
 
     with sync_playwright() as p:
         # As root in a container: no sandbox; a small /dev/shm would crash tabs.
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         page = browser.new_page()
         page.problems = []  # type: ignore[attr-defined]
         page.on("pageerror", lambda e: page.problems.append(str(e)))  # type: ignore[attr-defined]

@@ -19,33 +19,45 @@ BOUNDARY = "ting-test-boundary"
 
 
 def get_policy(server: LiveServer, token: str = "sk-test") -> dict[str, Any]:
-    r = httpx.get(server.url + "/api/v1/uploads", params={"action": "getPolicy", "model": "qwen-audio-turbo"},
-                  headers={"Authorization": f"Bearer {token}"})
+    r = httpx.get(
+        server.url + "/api/v1/uploads",
+        params={"action": "getPolicy", "model": "qwen-audio-turbo"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert r.status_code == 200, r.text
     return r.json()["data"]
 
 
 def fields(cert: dict[str, Any], name: str, **override: str) -> dict[str, str]:
     """The SDK's form fields, in the SDK's order (the file comes last)."""
-    values = {"OSSAccessKeyId": cert["oss_access_key_id"], "Signature": cert["signature"], "policy": cert["policy"],
-              "key": f"{cert['upload_dir']}/{name}", "x-oss-object-acl": "private", "x-oss-forbid-overwrite": "true",
-              "success_action_status": "200"}
+    values = {
+        "OSSAccessKeyId": cert["oss_access_key_id"],
+        "Signature": cert["signature"],
+        "policy": cert["policy"],
+        "key": f"{cert['upload_dir']}/{name}",
+        "x-oss-object-acl": "private",
+        "x-oss-forbid-overwrite": "true",
+        "success_action_status": "200",
+    }
     values.update(override)
     return values
 
 
 def upload(cert: dict[str, Any], name: str, data: bytes, **override: str) -> httpx.Response:
-    return httpx.post(cert["upload_host"], data=fields(cert, name, **override), files={"file": (name, data)},
-                      timeout=DEADLINE_S)
+    return httpx.post(
+        cert["upload_host"], data=fields(cert, name, **override), files={"file": (name, data)}, timeout=DEADLINE_S
+    )
 
 
 def form_head(values: dict[str, str], name: str) -> bytes:
     """A multipart body up to (and including) the file part's headers."""
     out = b""
     for key, value in values.items():
-        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n{value}\r\n").encode()
-    out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        out += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n').encode()
+    out += (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return out
 
 
@@ -59,9 +71,14 @@ class RawUpload:
         self.head = form_head(values, name)
         length = len(self.head) + file_bytes + len(FORM_TAIL)
         self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S)
-        self.sock.sendall((f"POST /api/v1/uploads/oss HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-                           f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                           f"Content-Length: {length}\r\n\r\n").encode() + self.head)
+        self.sock.sendall(
+            (
+                f"POST /api/v1/uploads/oss HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Length: {length}\r\n\r\n"
+            ).encode()
+            + self.head
+        )
         self.sent = 0
 
     def send_file_bytes(self, n: int) -> None:

@@ -41,8 +41,14 @@ def test_the_container_is_sniffed_from_bytes_not_names(corpus, tmp_path: Path) -
     misnamed = tmp_path / "really_a_wav.mp3"
     misnamed.write_bytes(wav)
     assert decode_bytes(misnamed.read_bytes()).container == "wav"
-    for name, container in [("mp3_vbr_id3_en", "mp3"), ("aac_adts_en", "aac"), ("amr_wb_en", "amr"),
-                            ("3gp_amr_nb_en", "mov"), ("webm_opus_en", "matroska"), ("flac_en", "flac")]:
+    for name, container in [
+        ("mp3_vbr_id3_en", "mp3"),
+        ("aac_adts_en", "aac"),
+        ("amr_wb_en", "amr"),
+        ("3gp_amr_nb_en", "mov"),
+        ("webm_opus_en", "matroska"),
+        ("flac_en", "flac"),
+    ]:
         assert sniff(corpus[name].path.read_bytes()) == container
 
 
@@ -129,9 +135,22 @@ async def test_a_corrupt_body_after_a_valid_header_is_refused(decoder_pool: Deco
 
 async def test_a_two_hour_mp3_stops_after_30_seconds(decoder_pool: DecoderPool, tmp_path: Path) -> None:
     # 10 s of tone as raw MP3 frames, repeated: two hours of valid audio in a few MB.
-    ten = C.ffmpeg(C.write_wav(tmp_path / "t.wav", C.tone(10.0)), tmp_path / "t.mp3",
-                   "-c:a", "libmp3lame", "-b:a", "8k", "-ar", "8000", "-write_xing", "0", "-id3v2_version", "0",
-                   "-f", "mp3")
+    ten = C.ffmpeg(
+        C.write_wav(tmp_path / "t.wav", C.tone(10.0)),
+        tmp_path / "t.mp3",
+        "-c:a",
+        "libmp3lame",
+        "-b:a",
+        "8k",
+        "-ar",
+        "8000",
+        "-write_xing",
+        "0",
+        "-id3v2_version",
+        "0",
+        "-f",
+        "mp3",
+    )
     bomb = ten.read_bytes() * 720
     assert len(bomb) < 10 * 1024 * 1024
     clip = await decoder_pool.decode(bomb)  # the pool's 10 s deadline would turn a full decode into an error
@@ -163,8 +182,9 @@ async def test_codecs_outside_the_allowlist_are_refused(decoder_pool: DecoderPoo
     with av.open(buf, "w", format="matroska") as out:
         stream = out.add_stream("wavpack", rate=16000)
         stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray((C.tone(1.0)[None, :] * 32767).astype(np.int16), format="s16p",
-                                           layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            (C.tone(1.0)[None, :] * 32767).astype(np.int16), format="s16p", layout="mono"
+        )
         frame.sample_rate = 16000
         out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
@@ -174,8 +194,24 @@ async def test_codecs_outside_the_allowlist_are_refused(decoder_pool: DecoderPoo
 
 async def test_a_video_without_sound_is_refused(decoder_pool: DecoderPool, tmp_path: Path) -> None:
     path = tmp_path / "silent.mp4"
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=5",
-                    "-t", "1", "-c:v", "libx264", str(path)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=32x32:rate=5",
+            "-t",
+            "1",
+            "-c:v",
+            "libx264",
+            str(path),
+        ],
+        check=True,
+    )
     with pytest.raises(errors.InvalidAudio, match="no audio track"):
         await decoder_pool.decode(path.read_bytes())
 
@@ -279,8 +315,9 @@ def decoded_packets() -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["opus_2h", "mp3_2h"])
-def test_hours_of_audio_are_refused_by_their_length_before_decoding(long_recordings, decoded_packets,
-                                                                   name: str) -> None:  # type: ignore[no-untyped-def]
+def test_hours_of_audio_are_refused_by_their_length_before_decoding(
+    long_recordings, decoded_packets, name: str
+) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(errors.AudioTooLong, match="longer than 600s"):
         decode_bytes(long_recordings[name].read_bytes(), max_samples=TEN_MINUTES, refuse_longer=True)
     assert decoded_packets and sum(decoded_packets) == 0  # containers were opened, no packet was decoded
@@ -310,8 +347,10 @@ async def test_a_chat_clip_never_queues_behind_whole_recordings(test_pythonpath)
     pool = DecoderPool(2, timeout_s=15.0, target="tests.audio.workers:hang_on_magic")
     await pool.start()
     try:
-        hung = [asyncio.ensure_future(pool.decode(b"HANG" + bytes(100), max_seconds=600, refuse_longer=True))
-                for _ in range(2)]  # two transcriptions whose decoding never ends
+        hung = [
+            asyncio.ensure_future(pool.decode(b"HANG" + bytes(100), max_seconds=600, refuse_longer=True))
+            for _ in range(2)
+        ]  # two transcriptions whose decoding never ends
         for _ in range(10):  # let both run up to where they wait: on a worker, or for their turn at one
             await asyncio.sleep(0)
         pcm = (C.tone(1.0) * 32767).astype("<i2").tobytes()

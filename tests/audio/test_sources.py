@@ -28,15 +28,18 @@ MiB = 1024 * 1024
 
 
 @settings(max_examples=200, deadline=None)
-@given(payload=st.binary(min_size=1, max_size=3000),
-       mime=st.sampled_from(["", "audio/wav", "audio/mpeg", "application/octet-stream", "audio/wav;codecs=1"]),
-       wrap=st.booleans(), strip_padding=st.booleans())
+@given(
+    payload=st.binary(min_size=1, max_size=3000),
+    mime=st.sampled_from(["", "audio/wav", "audio/mpeg", "application/octet-stream", "audio/wav;codecs=1"]),
+    wrap=st.booleans(),
+    strip_padding=st.booleans(),
+)
 def test_property_data_uri_round_trip(payload: bytes, mime: str, wrap: bool, strip_padding: bool) -> None:
     encoded = base64.b64encode(payload).decode()
     if strip_padding:
         encoded = encoded.rstrip("=")
     if wrap:  # MIME-style line breaks are tolerated
-        encoded = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+        encoded = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
     assert parse_data_uri(f"data:{mime};base64,{encoded}", max_bytes=MiB) == payload
 
 
@@ -56,16 +59,19 @@ def test_the_size_limit_is_on_the_encoded_string_and_checked_before_decoding() -
         parse_data_uri("data:;base64," + "!" * (200 * 1000 * 1000), max_bytes=limit)
 
 
-@pytest.mark.parametrize("uri", [
-    "data:audio/wav,rawbytes",  # not base64
-    "data:audio/wav;base64",  # no comma
-    "data:;base64,UklGR!==",  # outside the alphabet
-    "data:;base64,Ukl=GRg=",  # padding in the middle
-    "data:;base64,UklGRg-_",  # URL-safe alphabet
-    "data:;base64,U",  # impossible length
-    "data:text/html;charset=utf-8,<b>hi</b>",
-    "data:;base64,UklGRg===",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "data:audio/wav,rawbytes",  # not base64
+        "data:audio/wav;base64",  # no comma
+        "data:;base64,UklGR!==",  # outside the alphabet
+        "data:;base64,Ukl=GRg=",  # padding in the middle
+        "data:;base64,UklGRg-_",  # URL-safe alphabet
+        "data:;base64,U",  # impossible length
+        "data:text/html;charset=utf-8,<b>hi</b>",
+        "data:;base64,UklGRg===",
+    ],
+)
 def test_malformed_data_uris_are_refused(uri: str) -> None:
     with pytest.raises(errors.InvalidDataUri):
         parse_data_uri(uri, max_bytes=MiB)
@@ -296,8 +302,9 @@ async def test_refused_missing_and_unresolvable(origin: Origin, dials: list[str]
     await f.aclose()
 
 
-async def test_proxies_from_the_environment_are_ignored(origin: Origin, dials: list[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_proxies_from_the_environment_are_ignored(
+    origin: Origin, dials: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     origin.routes["/a.wav"] = body(b"direct")

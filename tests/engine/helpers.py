@@ -9,8 +9,10 @@ from ting.types import AudioClip, AudioPart, Message, SamplingParams, TextPart
 
 def clip(seconds: float, seed: int = 0) -> AudioClip:
     rng = np.random.default_rng(seed)
-    samples = (0.3 * np.sin(np.arange(int(seconds * 16000)) * (0.01 + 0.01 * seed))
-               + 0.05 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+    samples = (
+        0.3 * np.sin(np.arange(int(seconds * 16000)) * (0.01 + 0.01 * seed))
+        + 0.05 * rng.standard_normal(int(seconds * 16000))
+    ).astype(np.float32)
     return AudioClip(samples=samples, duration_s=seconds, truncated=False, container="wav", codec="pcm_s16le")
 
 

@@ -44,8 +44,11 @@ def test_property_deltas_add_up_to_the_decoded_text(tokenizer, text: str) -> Non
 
 
 @settings(max_examples=150, deadline=None)
-@given(before=st.text(alphabet="ab 你好.", max_size=20), after=st.text(alphabet="ab 你好.", max_size=20),
-       stop=st.sampled_from(["STOP", "\n\n", "好。", "Observation:"]))
+@given(
+    before=st.text(alphabet="ab 你好.", max_size=20),
+    after=st.text(alphabet="ab 你好.", max_size=20),
+    stop=st.sampled_from(["STOP", "\n\n", "好。", "Observation:"]),
+)
 def test_property_nothing_past_a_stop_string_is_released(tokenizer, before: str, after: str, stop: str) -> None:  # type: ignore[no-untyped-def]
     text = before + stop + after
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -82,8 +85,10 @@ def first_stop(text: str, stops: list[str]) -> int:
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="abc你", max_size=40),
-       stops=st.lists(st.text(alphabet="abc你", min_size=1, max_size=5), min_size=1, max_size=8))
+@given(
+    text=st.text(alphabet="abc你", max_size=40),
+    stops=st.lists(st.text(alphabet="abc你", min_size=1, max_size=5), min_size=1, max_size=8),
+)
 def test_property_many_stops_cut_at_the_first_one_to_end(text: str, stops: list[str]) -> None:
     decoder = IncrementalDecoder(by_chars, stops)
     deltas = [decoder.push(i) for i in chars(text)]

@@ -25,12 +25,20 @@ def reference(tiny_dir: Path):  # type: ignore[no-untyped-def]
     def generate(messages, repetition_penalty: float = 1.0) -> list[int]:  # type: ignore[no-untyped-def]
         shaped, clips = template_messages(messages)
         text = processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=text, audio=[c.samples for c in clips] or None, sampling_rate=16000,
-                           return_tensors="pt")
+        inputs = processor(
+            text=text, audio=[c.samples for c in clips] or None, sampling_rate=16000, return_tensors="pt"
+        )
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, repetition_penalty=repetition_penalty)
-        tokens = out[0, inputs.input_ids.shape[1]:].tolist()
+            out = model.generate(
+                **inputs,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=repetition_penalty,
+            )
+        tokens = out[0, inputs.input_ids.shape[1] :].tolist()
         eos = set(model.generation_config.eos_token_id)
         for i, t in enumerate(tokens):  # generate() pads after the end of sequence; the engine stops there
             if t in eos:
@@ -95,8 +103,9 @@ def test_the_encoder_over_a_clips_own_frames_matches_the_full_window(engine, sec
         from transformers.masking_utils import create_bidirectional_mask
 
         valid = (torch.arange(1500)[None, :] < after_conv[:, None]).long()
-        mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
-                                         inputs_embeds=torch.zeros(1, 1500, 1))
+        mask = create_bidirectional_mask(
+            config=tower.config, attention_mask=valid, inputs_embeds=torch.zeros(1, 1500, 1)
+        )
         full = backend.model.model.multi_modal_projector(tower(features, attention_mask=mask).last_hidden_state)
         full = full[0, : int(tokens[0])]
     assert mine.shape == full.shape == (prompt.audio_tokens[0], full.shape[-1])
@@ -104,7 +113,8 @@ def test_the_encoder_over_a_clips_own_frames_matches_the_full_window(engine, sec
 
 
 async def test_without_room_for_a_blocked_weight_copy_batched_steps_take_the_chunked_path_and_stay_exact(  # type: ignore[no-untyped-def]
-        tiny_dir: Path, reference, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_dir: Path, reference, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from ting.engine import Engine, qwen2_audio
 
     assert (qwen2_audio.available_memory_bytes() or 0) > 0

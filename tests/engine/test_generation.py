@@ -40,16 +40,21 @@ async def test_same_seed_same_answer_alone_or_batched(engine: Engine) -> None:
         *(collect(engine, p, SamplingParams(temperature=1.0, max_tokens=30)) for p in PROMPTS[1:]),
     )
     assert alone == again == tokens(crowd[0])
-    other = tokens(await collect(engine, PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, top_k=50,
-                                                                     max_tokens=24, seed=4321)))
+    other = tokens(
+        await collect(
+            engine, PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=24, seed=4321)
+        )
+    )
     assert other != alone
 
 
 async def test_greedy_ignores_the_seed_and_top_k_1_is_greedy(engine: Engine) -> None:
     greedy = tokens(await collect(engine, PROMPTS[2], SamplingParams(temperature=0, max_tokens=16, seed=1)))
     assert tokens(await collect(engine, PROMPTS[2], SamplingParams(temperature=0, max_tokens=16, seed=2))) == greedy
-    assert tokens(await collect(engine, PROMPTS[2], SamplingParams(temperature=1.5, top_k=1, max_tokens=16,
-                                                                    seed=3))) == greedy
+    assert (
+        tokens(await collect(engine, PROMPTS[2], SamplingParams(temperature=1.5, top_k=1, max_tokens=16, seed=3)))
+        == greedy
+    )
 
 
 async def test_sampling_without_a_seed_varies(engine: Engine) -> None:
@@ -71,10 +76,11 @@ async def test_max_tokens_ends_with_length_and_counts_are_exact(engine: Engine) 
 
 async def test_a_stop_string_ends_the_answer_before_it(engine: Engine) -> None:
     full = text(await collect(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
-    cut = next(i for i in range(3, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
-    stop = full[cut:cut + 2]
-    chunks = await collect(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                              stop=(stop,)))
+    cut = next(i for i in range(3, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2])
+    stop = full[cut : cut + 2]
+    chunks = await collect(
+        engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,))
+    )
     assert text(chunks) == full[: full.find(stop)]
     assert chunks[-1].finish_reason == "stop"
     for i in range(len(chunks)):  # never streamed past the stop string, at any point
@@ -84,8 +90,9 @@ async def test_a_stop_string_ends_the_answer_before_it(engine: Engine) -> None:
 async def test_a_stop_token_ends_the_answer_without_it(engine: Engine) -> None:
     full = tokens(await collect(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
     stop_id = full[5]
-    chunks = await collect(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                              stop_token_ids=(stop_id,)))
+    chunks = await collect(
+        engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=(stop_id,))
+    )
     assert tokens(chunks) == full[: full.index(stop_id) + 1]
     assert chunks[-1].finish_reason == "stop"
     assert text(chunks) == engine.backend.detokenize(full[: full.index(stop_id)])
@@ -94,11 +101,11 @@ async def test_a_stop_token_ends_the_answer_without_it(engine: Engine) -> None:
 async def test_penalties_change_the_answer(engine: Engine) -> None:
     base = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0, ignore_eos=True)
     plain = tokens(await collect(engine, PROMPTS[3], base))
-    for changed in (SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5, ignore_eos=True),
-                    SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0, presence_penalty=2.0,
-                                   ignore_eos=True),
-                    SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0, frequency_penalty=2.0,
-                                   ignore_eos=True)):
+    for changed in (
+        SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0, presence_penalty=2.0, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0, frequency_penalty=2.0, ignore_eos=True),
+    ):
         assert tokens(await collect(engine, PROMPTS[3], changed)) != plain
 
 
@@ -112,8 +119,9 @@ async def test_streamed_text_is_the_decoded_answer(engine: Engine) -> None:
 
 async def test_a_closed_stream_frees_its_slot_before_the_next_step(engine: Engine) -> None:
     prompt = await engine.prepare(PROMPTS[0])
-    stream = engine.generate(prompt, engine.resolve(SamplingParams(temperature=0, max_tokens=2000,
-                                                                   ignore_eos=True), prompt))
+    stream = engine.generate(
+        prompt, engine.resolve(SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True), prompt)
+    )
     for _ in range(3):
         await anext(stream)
     aborted_before = engine.stats.aborted
@@ -159,8 +167,12 @@ class FailingBackend:
     def __init__(self, inner, fail_on: set[int]) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.fail_on, self.calls = inner, fail_on, 0
         self.eos_token_ids, self.defaults, self.max_model_len = inner.eos_token_ids, inner.defaults, inner.max_model_len
-        self.prepare, self.prefill, self.release, self.detokenize = (inner.prepare, inner.prefill, inner.release,
-                                                                     inner.detokenize)
+        self.prepare, self.prefill, self.release, self.detokenize = (
+            inner.prepare,
+            inner.prefill,
+            inner.release,
+            inner.detokenize,
+        )
 
     def step(self) -> Mapping[int, int]:
         self.calls += 1
@@ -191,8 +203,12 @@ class GatedBackend:
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.gate, self.sizes = inner, threading.Event(), []
         self.eos_token_ids, self.defaults, self.max_model_len = inner.eos_token_ids, inner.defaults, inner.max_model_len
-        self.prepare, self.step, self.release, self.detokenize = (inner.prepare, inner.step, inner.release,
-                                                                  inner.detokenize)
+        self.prepare, self.step, self.release, self.detokenize = (
+            inner.prepare,
+            inner.step,
+            inner.release,
+            inner.detokenize,
+        )
 
     def prefill(self, items):  # type: ignore[no-untyped-def]
         self.sizes.append(len(items))
@@ -240,8 +256,16 @@ async def collect_stream(engine: Engine, prompt, sampling) -> list[GenerationChu
     return [c async for c in engine.generate(prompt, sampling)]
 
 
-@pytest.mark.parametrize("bad", [dict(seed=2**64), dict(seed=-(2**63) - 1), dict(repetition_penalty=math.inf),
-                                 dict(repetition_penalty=math.nan), dict(temperature=math.nan)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+        dict(repetition_penalty=math.inf),
+        dict(repetition_penalty=math.nan),
+        dict(temperature=math.nan),
+    ],
+)
 async def test_parameters_the_model_cannot_take_are_refused_before_the_engine(engine: Engine, bad) -> None:  # type: ignore[no-untyped-def]
     prompt = await engine.prepare(PROMPTS[1])
     with pytest.raises(errors.InvalidParameter):

@@ -98,13 +98,16 @@ async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serv
         await engine.aclose()
 
 
-async def test_a_hung_engine_is_killed_and_replaced(tiny_dir: Path, tmp_path: Path, test_pythonpath,  # type: ignore[no-untyped-def]
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_hung_engine_is_killed_and_replaced(
+    tiny_dir: Path,
+    tmp_path: Path,
+    test_pythonpath,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     flag = tmp_path / "hang"
     monkeypatch.setenv("TING_TEST_BACKEND_WRAPPER", "tests.engine.faults:hang_once")
     monkeypatch.setenv("TING_TEST_HANG_FLAG", str(flag))
-    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=4, hang_timeout_s=2.0,
-                                        first_backoff_s=0.2))
+    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=4, hang_timeout_s=2.0, first_backoff_s=0.2))
     await engine.open()
     try:
         first_pid = engine.pid

@@ -27,8 +27,9 @@ def user(*parts) -> Message:  # type: ignore[no-untyped-def]
 
 def test_the_default_system_prompt_when_none_is_given(engine) -> None:
     text = render(engine, user(AudioPart("a", clip(1)), TextPart("What is said?")))
-    assert text == (SYSTEM_DEFAULT + f"<|im_start|>user\nAudio 1: {AUDIO}\nWhat is said?<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        SYSTEM_DEFAULT + f"<|im_start|>user\nAudio 1: {AUDIO}\nWhat is said?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_a_system_message_replaces_the_default(engine) -> None:
@@ -45,12 +46,14 @@ def test_voice_chat_and_several_audios_numbered_across_turns(engine) -> None:
         Message("assistant", (TextPart("Hello!"),)),
         user(TextPart("And in one word?")),  # a text-only follow-up
     )
-    assert text == (SYSTEM_DEFAULT + f"<|im_start|>user\nAudio 1: {AUDIO}\nAudio 2: {AUDIO}\n"
-                    "Which is louder?<|im_end|>\n"
-                    "<|im_start|>assistant\nThe second.<|im_end|>\n"
-                    f"<|im_start|>user\nAudio 3: {AUDIO}\n<|im_end|>\n"
-                    "<|im_start|>assistant\nHello!<|im_end|>\n"
-                    "<|im_start|>user\nAnd in one word?<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        SYSTEM_DEFAULT + f"<|im_start|>user\nAudio 1: {AUDIO}\nAudio 2: {AUDIO}\n"
+        "Which is louder?<|im_end|>\n"
+        "<|im_start|>assistant\nThe second.<|im_end|>\n"
+        f"<|im_start|>user\nAudio 3: {AUDIO}\n<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nAnd in one word?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_each_clip_gets_its_own_token_count(engine) -> None:
@@ -60,13 +63,16 @@ def test_each_clip_gets_its_own_token_count(engine) -> None:
     assert prompt.text_tokens == len(prompt.token_ids) - 787
 
 
-@pytest.mark.parametrize("messages", [
-    (),
-    (Message("system", (TextPart("x"),)),),
-    (Message("assistant", (TextPart("x"),)),),
-    (user(TextPart("a")), Message("system", (TextPart("late"),))),
-    (Message("assistant", (AudioPart("a", clip(1)),)), user(TextPart("x"))),
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        (),
+        (Message("system", (TextPart("x"),)),),
+        (Message("assistant", (TextPart("x"),)),),
+        (user(TextPart("a")), Message("system", (TextPart("late"),))),
+        (Message("assistant", (AudioPart("a", clip(1)),)), user(TextPart("x"))),
+    ],
+)
 def test_malformed_conversations_are_bugs_here(engine, messages) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):  # the wire refuses them first, in each protocol's words
         engine.backend.prepare(messages)

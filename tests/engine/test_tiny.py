@@ -15,8 +15,15 @@ from ting.engine import tiny
 
 def test_the_checkpoint_has_every_file_and_rebuilds_byte_for_byte(tiny_dir: Path, tmp_path: Path) -> None:
     names = sorted(p.name for p in tiny_dir.iterdir())
-    assert names == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                     "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert names == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     again = tiny.build(tmp_path / "again")
     for name in names:
         assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
@@ -34,8 +41,10 @@ def test_plain_transformers_loads_and_runs_it(tiny_dir: Path) -> None:
     assert generation["eos_token_id"] == [ids[0], ids[2]] and generation["top_k"] == 20
     messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": "Hi"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     audio = np.sin(np.arange(48000) / 20).astype(np.float32) * 0.3
     inputs = processor(text=text, audio=audio, sampling_rate=16000, return_tensors="pt")
     assert int((inputs.input_ids == model.config.audio_token_id).sum()) == 75
@@ -62,6 +71,5 @@ def test_the_real_width_preset_writes_no_weights_and_real_ids(tmp_path: Path) ->
 
 
 def test_the_cli_builds_it(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "ting", "tiny-model", str(tmp_path / "cli")], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "ting", "tiny-model", str(tmp_path / "cli")], check=True, capture_output=True)
     assert (tmp_path / "cli" / "model.safetensors").exists()

@@ -12,7 +12,7 @@ WRAPPED = [
     ("The original content of this audio is:'Hello world.'", "Hello world."),
     ("The audio says: 'I will be there at five.'", "I will be there at five."),
     ('The speaker says: "Good morning everyone."', "Good morning everyone."),
-    ("In the audio, the speaker says \"we're late\".", "we're late."),
+    ('In the audio, the speaker says "we\'re late".', "we're late."),
     ("Transcription: the quick brown fox", "the quick brown fox"),
     ("Sure! Here is the transcription of the audio:\nThe meeting starts at ten.", "The meeting starts at ten."),
     ("Here's the transcript: I like green tea.", "I like green tea."),
@@ -59,7 +59,7 @@ def test_long_audio_is_cut_at_the_quietest_place_before_each_limit() -> None:
     samples = (0.3 * rng.standard_normal(16000 * 75)).astype(np.float32)
     quiet = [27 * 16000, 54 * 16000 + 3200]  # 20 ms of silence in each search zone
     for q in quiet:
-        samples[q:q + 320] = 0
+        samples[q : q + 320] = 0
     spans = windows(samples)
     assert [a for a, _ in spans] == [0, *quiet]
     assert spans[-1][1] == len(samples)

@@ -14,13 +14,17 @@ def describe(sync: sa.Connection | sa.MetaData) -> dict[str, Any]:
     """Tables, columns (type family, nullability, primary key), indexes and unique constraints, comparably."""
     if isinstance(sync, sa.MetaData):
         tables = {t.name: t for t in sync.sorted_tables}
-        return {name: {
-            "columns": {c.name: (_family(c.type), bool(c.nullable), c.primary_key)
-                        for c in t.columns},
-            "indexes": sorted(tuple(c.name for c in i.columns) for i in t.indexes),
-            "unique": sorted({tuple(c.name for c in u.columns) for u in t.constraints
-                              if isinstance(u, sa.UniqueConstraint)} | {(c.name,) for c in t.columns if c.unique}),
-        } for name, t in tables.items()}
+        return {
+            name: {
+                "columns": {c.name: (_family(c.type), bool(c.nullable), c.primary_key) for c in t.columns},
+                "indexes": sorted(tuple(c.name for c in i.columns) for i in t.indexes),
+                "unique": sorted(
+                    {tuple(c.name for c in u.columns) for u in t.constraints if isinstance(u, sa.UniqueConstraint)}
+                    | {(c.name,) for c in t.columns if c.unique}
+                ),
+            }
+            for name, t in tables.items()
+        }
     inspector = sa.inspect(sync)
     out: dict[str, Any] = {}
     for name in inspector.get_table_names():
@@ -29,8 +33,10 @@ def describe(sync: sa.Connection | sa.MetaData) -> dict[str, Any]:
         unique = [tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)]
         unique += [tuple(i["column_names"]) for i in indexes if i.get("unique")]
         out[name] = {
-            "columns": {c["name"]: (_family(c["type"]), bool(c["nullable"]) and c["name"] not in pk, c["name"] in pk)
-                        for c in inspector.get_columns(name)},
+            "columns": {
+                c["name"]: (_family(c["type"]), bool(c["nullable"]) and c["name"] not in pk, c["name"] in pk)
+                for c in inspector.get_columns(name)
+            },
             "indexes": sorted(tuple(i["column_names"]) for i in indexes if not i.get("unique")),
             "unique": sorted(set(unique)),
         }

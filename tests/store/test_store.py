@@ -122,8 +122,11 @@ async def test_a_spent_quota_refuses_and_records_the_refusal(store: Store) -> No
         await store.quota.admit(who, "c", model="m", protocol="dashscope")
     assert (info_.value.status, info_.value.code) == (403, "AllocationQuota.FreeTierOnly")
     statuses = {r.request_id: (r.status, r.error_code) for r in await store.ledger.rows()}
-    assert statuses == {"a": ("refused", "AllocationQuota.FreeTierOnly"), "b": ("ok", None),
-                        "c": ("refused", "AllocationQuota.FreeTierOnly")}
+    assert statuses == {
+        "a": ("refused", "AllocationQuota.FreeTierOnly"),
+        "b": ("ok", None),
+        "c": ("refused", "AllocationQuota.FreeTierOnly"),
+    }
     assert await store.quota.in_flight() == 0
 
 
@@ -159,8 +162,15 @@ async def test_no_double_burst_across_a_minutes_boundary(store: Store) -> None:
 async def test_retry_after_is_exact(store: Store) -> None:
     """Whatever came before: a request at refusal + Retry-After fits, and one a second earlier does not."""
     start, refusals = 1_800_000_000.0, 0
-    for case, (rpm, gaps) in enumerate([(1, [0, 7, 30, 0.5]), (2, [0, 20, 30, 5, 1]), (3, [0, 0, 40, 11, 0, 13]),
-                                        (5, [0, 3, 3, 3, 3, 3, 3, 50, 1, 1, 1, 1, 1]), (2, [58, 0.9, 0.2, 61, 0])]):
+    for case, (rpm, gaps) in enumerate(
+        [
+            (1, [0, 7, 30, 0.5]),
+            (2, [0, 20, 30, 5, 1]),
+            (3, [0, 0, 40, 11, 0, 13]),
+            (5, [0, 3, 3, 3, 3, 3, 3, 50, 1, 1, 1, 1, 1]),
+            (2, [58, 0.9, 0.2, 61, 0]),
+        ]
+    ):
         key, _ = await store.keys.create(rpm=rpm)
         who = await store.keys.authenticate(key)
         now, n = start, 0
@@ -281,8 +291,10 @@ async def test_a_failed_upload_commit_leaves_no_file(store: Store) -> None:
         temp = store.files.temp_path()
         temp.write_bytes(data)
         temps.append(temp)
-    results = await asyncio.gather(*(store.files.commit("dashscope-instant/a/same.wav", owner="alice", model="m",
-                                                        temp=t, size=5) for t in temps), return_exceptions=True)
+    results = await asyncio.gather(
+        *(store.files.commit("dashscope-instant/a/same.wav", owner="alice", model="m", temp=t, size=5) for t in temps),
+        return_exceptions=True,
+    )
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], errors.UploadRejected) and refused[0].status == 409
     assert len(list(store.files.root.iterdir())) == 1  # the kept file; no orphan, no temp left
@@ -311,8 +323,9 @@ async def test_an_upload_whose_transaction_fails_leaves_no_file(store: Store, mo
 async def test_every_string_the_database_sees_is_bounded_and_clean(store: Store) -> None:
     temp = store.files.temp_path()
     temp.write_bytes(b"RIFF")
-    await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m\x00" + "x" * 300 + "\ud800",
-                             temp=temp, size=4)
+    await store.files.commit(
+        "dashscope-instant/a/b.wav", owner="alice", model="m\x00" + "x" * 300 + "\ud800", temp=temp, size=4
+    )
     who = await store.keys.authenticate("sk-static")
     await store.quota.admit(who, "req-1", model="q\x00" * 200, protocol="openai")
     async with store.db.engine.connect() as conn:

@@ -56,9 +56,14 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
     if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and "dict" in first.get("msg", "")):
         return _response(request, IllegalJson())
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p)))
-    return _response(request, InvalidParameter(f"Required parameter(s) missing or invalid, please check the request "
-                                               f"parameters. {where}: {first.get('msg', '')}".strip(),
-                                               param=where or None))
+    return _response(
+        request,
+        InvalidParameter(
+            f"Required parameter(s) missing or invalid, please check the request "
+            f"parameters. {where}: {first.get('msg', '')}".strip(),
+            param=where or None,
+        ),
+    )
 
 
 def _union_branch(part: str) -> bool:
@@ -73,14 +78,18 @@ class _Playground(StaticFiles):
         response = await super().get_response(path, scope)
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; media-src 'self' blob: data:; connect-src 'self'; img-src 'self' data:; "
-            "frame-ancestors 'none'")
+            "frame-ancestors 'none'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
 
 def _mount_playground(app: FastAPI) -> None:
-    app.mount("/playground", _Playground(directory=Path(__file__).resolve().parent.parent / "web", html=True),
-              name="playground")
+    app.mount(
+        "/playground",
+        _Playground(directory=Path(__file__).resolve().parent.parent / "web", html=True),
+        name="playground",
+    )
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
@@ -92,17 +101,33 @@ async def load_engine(settings: Settings) -> EngineClient:
     dummy = settings.load_format == "dummy"
     if not settings.engine_process:
         engine = await asyncio.to_thread(
-            Engine.load, settings.model, device=settings.device, dtype=settings.dtype, random_weights=dummy,
-            max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-            max_model_len=settings.max_model_len, home=settings.home_path)
+            Engine.load,
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            random_weights=dummy,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len,
+            home=settings.home_path,
+        )
         engine.start()
         return engine
     path = await asyncio.to_thread(checkpoint_path, settings.model, settings.home_path)
-    remote = RemoteEngine(EngineOptions(
-        path=path, device=settings.device, dtype=settings.dtype, random_weights=dummy,
-        max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, max_model_len=settings.max_model_len,
-        hang_timeout_s=settings.engine_hang_timeout_s, max_backoff_s=settings.engine_max_backoff_s,
-        log_level=settings.log_level))
+    remote = RemoteEngine(
+        EngineOptions(
+            path=path,
+            device=settings.device,
+            dtype=settings.dtype,
+            random_weights=dummy,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len,
+            hang_timeout_s=settings.engine_hang_timeout_s,
+            max_backoff_s=settings.engine_max_backoff_s,
+            log_level=settings.log_level,
+        )
+    )
     try:
         await remote.open()
     except BaseException:
@@ -123,9 +148,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         finally:
             await runtime.close()
 
-    app = FastAPI(title="Ting", version=__version__, lifespan=lifespan, redoc_url=None,
-                  docs_url="/docs" if settings.docs else None,  # Swagger UI loads from a CDN: only when asked
-                  description="Self-hosted Qwen-Audio: the DashScope and OpenAI APIs on your own hardware.")
+    app = FastAPI(
+        title="Ting",
+        version=__version__,
+        lifespan=lifespan,
+        redoc_url=None,
+        docs_url="/docs" if settings.docs else None,  # Swagger UI loads from a CDN: only when asked
+        description="Self-hosted Qwen-Audio: the DashScope and OpenAI APIs on your own hardware.",
+    )
     app.state.runtime = runtime
     app.include_router(dashscope.router)
     app.include_router(openai.router)
@@ -153,14 +183,27 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it; the access log does
 
     app.add_middleware(LargeBodyPacing, threshold_bytes=LARGE_BODY_BYTES)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
-                       per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024}, render=render_error)
-    app.add_middleware(HostGuard, policy=HostPolicy(allowed_hosts=settings.allowed_hosts,
-                                                    public_url=settings.public_url,
-                                                    cors_origins=settings.cors_origins),
-                       is_open=runtime.store.keys.open, render=render_error)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_request_bytes,
+        per_path={dashscope.UPLOAD_PATH: settings.upload_max_bytes + 1024 * 1024},
+        render=render_error,
+    )
+    app.add_middleware(
+        HostGuard,
+        policy=HostPolicy(
+            allowed_hosts=settings.allowed_hosts, public_url=settings.public_url, cors_origins=settings.cors_origins
+        ),
+        is_open=runtime.store.keys.open,
+        render=render_error,
+    )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], allow_credentials=False)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            allow_credentials=False,
+        )
     app.add_middleware(RequestContext, render=render_error)
     return app

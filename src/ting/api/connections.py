@@ -25,10 +25,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ting.config import Settings
 
-REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-                   b"Content-Length: 44\r\n\r\nThe request headers did not arrive in time.\n")
-TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\nContent-Type: text/plain"
-            b"\r\nContent-Length: 38\r\n\r\nToo many open connections; try again.\n")
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 44\r\n\r\nThe request headers did not arrive in time.\n"
+)
+TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\nContent-Type: text/plain"
+    b"\r\nContent-Length: 38\r\n\r\nToo many open connections; try again.\n"
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,11 @@ class GuardedH11Protocol(H11Protocol):
     def _reclaim_one(self) -> bool:
         """At the cap, close the connection that has waited longest for a request (idle or trickling headers),
         so that idle sockets cannot lock out clients that do send requests. False if every one is busy."""
-        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._phase == "headers"
-                   and not c.transport.is_closing()]
+        waiting = [
+            c
+            for c in self.connections
+            if isinstance(c, GuardedH11Protocol) and c._phase == "headers" and not c.transport.is_closing()
+        ]
         if not waiting:
             return False
         oldest = min(waiting, key=lambda c: c._phase_since)
@@ -152,8 +159,11 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
-    limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
-                              max_connections=settings.max_connections)
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
     return type("TingH11Protocol", (GuardedH11Protocol,), {"limits": limits})
 
 
@@ -163,6 +173,13 @@ CUT_GRACE_S = 15.0  # past --drain-timeout-s, time for requests Ting cut to send
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn.Config keyword arguments `ting serve` uses (host and port aside)."""
-    return dict(http=guarded_protocol(settings), timeout_keep_alive=settings.keep_alive_s, log_config=None,
-                access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s + CUT_GRACE_S),
-                proxy_headers=True, forwarded_allow_ips="127.0.0.1", lifespan="on")
+    return dict(
+        http=guarded_protocol(settings),
+        timeout_keep_alive=settings.keep_alive_s,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s + CUT_GRACE_S),
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+        lifespan="on",
+    )

@@ -32,7 +32,7 @@ def split_host(host: str) -> str:
     """The name in a Host header (or an origin's netloc), without port or IPv6 brackets, lower case."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
+        return host[1 : host.find("]")] if "]" in host else host
     if host.count(":") == 1:
         host = host.split(":", 1)[0]
     return host.rstrip(".")
@@ -57,8 +57,14 @@ class HostPolicy:
 
     def host_allowed(self, host: str) -> bool:
         name = split_host(host)
-        return (self.any_host or not name or name in LOOPBACK_NAMES or name.endswith(".localhost") or _is_ip(name)
-                or name in self.names)
+        return (
+            self.any_host
+            or not name
+            or name in LOOPBACK_NAMES
+            or name.endswith(".localhost")
+            or _is_ip(name)
+            or name in self.names
+        )
 
     def origin_allowed(self, origin: str | None, host: str) -> bool:
         if origin is None:
@@ -74,8 +80,9 @@ class HostGuard:
     """Pure ASGI: refuse (403, in the protocol's envelope) foreign Host names and cross-site requests while the
     server has no key. `is_open` is only asked about requests that fail a check, so local traffic costs nothing."""
 
-    def __init__(self, app: ASGIApp, *, policy: HostPolicy, is_open: Callable[[], Awaitable[bool]],
-                 render: ErrorRenderer) -> None:
+    def __init__(
+        self, app: ASGIApp, *, policy: HostPolicy, is_open: Callable[[], Awaitable[bool]], render: ErrorRenderer
+    ) -> None:
         self.app, self.policy, self.is_open, self.render = app, policy, is_open, render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,11 +95,15 @@ class HostGuard:
         origin = origin_raw.decode("latin-1") if origin_raw is not None else None
         problem = None
         if not self.policy.host_allowed(host):
-            problem = (f"Host {split_host(host)!r} is not allowed: a server without API keys answers only to "
-                       f"localhost, IP addresses, --public-url and --allowed-hosts (DNS-rebinding protection).")
+            problem = (
+                f"Host {split_host(host)!r} is not allowed: a server without API keys answers only to "
+                f"localhost, IP addresses, --public-url and --allowed-hosts (DNS-rebinding protection)."
+            )
         elif not self.policy.origin_allowed(origin, host):
-            problem = (f"Cross-origin request from {origin!r} refused: a server without API keys accepts browser "
-                       f"requests only from its own origin and --cors-origins.")
+            problem = (
+                f"Cross-origin request from {origin!r} refused: a server without API keys accepts browser "
+                f"requests only from its own origin and --cors-origins."
+            )
         if problem is not None and await self.is_open():
             status, response_headers, body = self.render(scope, AccessDenied(problem))
             await send({"type": "http.response.start", "status": status, "headers": response_headers})

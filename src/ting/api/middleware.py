@@ -63,9 +63,13 @@ class RequestContext:
                 await send_with_id({"type": "http.response.start", "status": code, "headers": headers})
                 await send_with_id({"type": "http.response.body", "body": body})
         finally:
-            line: dict[str, Any] = {"request_id": state.get("request_id", request_id), "method": scope["method"],
-                                    "path": scope["path"], "status": status["code"] or 499,
-                                    "latency_ms": int((time.monotonic() - started) * 1000)}
+            line: dict[str, Any] = {
+                "request_id": state.get("request_id", request_id),
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status["code"] or 499,
+                "latency_ms": int((time.monotonic() - started) * 1000),
+            }
             line.update(report.fields())
             access_log.info(_json_line(line))
 

@@ -51,9 +51,13 @@ class Runtime:
         resolver: Resolver = system_resolver,
     ) -> None:
         self.settings = settings
-        self.store = store or Store(settings.database_url, home=settings.home_path, static_keys=settings.api_key,
-                                    upload_ttl_s=settings.upload_ttl_s,
-                                    instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}")
+        self.store = store or Store(
+            settings.database_url,
+            home=settings.home_path,
+            static_keys=settings.api_key,
+            upload_ttl_s=settings.upload_ttl_s,
+            instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}",
+        )
         self.audio = _audio_loader(settings, self.store.files, resolver)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
@@ -115,14 +119,17 @@ class Runtime:
         start = getattr(self.engine, "start", None)  # an in-process Engine runs once started
         if not self.engine.alive and start is not None:
             start()
-        self._service = ChatService(self.lifecycle, self.engine, self.audio, self.models,
-                                    max_audio_items=self.settings.max_audio_items)
-        self._transcription = TranscriptionService(self.lifecycle, self.engine, self.audio, self.models,
-                                                   max_seconds=self.settings.max_transcription_s)
+        self._service = ChatService(
+            self.lifecycle, self.engine, self.audio, self.models, max_audio_items=self.settings.max_audio_items
+        )
+        self._transcription = TranscriptionService(
+            self.lifecycle, self.engine, self.audio, self.models, max_seconds=self.settings.max_transcription_s
+        )
         self.state = "ready"
         info = self.engine.describe()
-        log.info("model ready: %s on %s (%s)", info.get("path", self.settings.model), info.get("device"),
-                 info.get("dtype"))
+        log.info(
+            "model ready: %s on %s (%s)", info.get("path", self.settings.model), info.get("device"), info.get("dtype")
+        )
 
     async def _housekeeping(self) -> None:
         last_purge = 0.0
@@ -151,8 +158,9 @@ class Runtime:
         if await self.lifecycle.wait_idle(timeout_s):
             return
         self.drain_clean = False
-        log.warning("the drain took over %g s: cutting the %d requests still in flight", timeout_s,
-                    len(self.lifecycle.open))
+        log.warning(
+            "the drain took over %g s: cutting the %d requests still in flight", timeout_s, len(self.lifecycle.open)
+        )
         await self._stop_engine()  # each request in it ends with ShuttingDown
         if not await self.lifecycle.wait_idle(CUT_SETTLE_S):
             log.error("%d requests were not settled after the cut", len(self.lifecycle.open))
@@ -193,8 +201,9 @@ def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) ->
         concurrency=settings.fetch_concurrency,
         resolver=resolver,
     )
-    pool = DecoderPool(settings.decode_workers, timeout_s=settings.decode_timeout_s,
-                       memory_mib=settings.decode_memory_mib)
+    pool = DecoderPool(
+        settings.decode_workers, timeout_s=settings.decode_timeout_s, memory_mib=settings.decode_memory_mib
+    )
     return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool)
 
 

@@ -22,8 +22,10 @@ def unicode_problem(value: Any) -> str | None:
         item = stack.pop()
         if isinstance(item, str):
             if _SURROGATE.search(item):
-                return ("a string holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode; "
-                        "send UTF-8 text")
+                return (
+                    "a string holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode; "
+                    "send UTF-8 text"
+                )
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

@@ -43,15 +43,48 @@ MIN_RATE_HZ, MAX_RATE_HZ = 1_000, 384_000
 MAX_BAD_PACKETS = 200  # corrupt packets skipped before giving up
 
 # The codecs the allowlist admits, by the name Ting reports; a decoder is named as its codec unless listed below.
-_CODECS = frozenset({
-    "pcm_u8", "pcm_s8", "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le",
-    "pcm_f32be", "pcm_f64le", "pcm_f64be", "pcm_alaw", "pcm_mulaw", "adpcm_ima_wav", "adpcm_ms", "gsm_ms", "gsm",
-    "mp3", "aac", "amr_nb", "amr_wb", "opus", "vorbis", "flac", "alac",
-})
+_CODECS = frozenset(
+    {
+        "pcm_u8",
+        "pcm_s8",
+        "pcm_s16le",
+        "pcm_s16be",
+        "pcm_s24le",
+        "pcm_s24be",
+        "pcm_s32le",
+        "pcm_s32be",
+        "pcm_f32le",
+        "pcm_f32be",
+        "pcm_f64le",
+        "pcm_f64be",
+        "pcm_alaw",
+        "pcm_mulaw",
+        "adpcm_ima_wav",
+        "adpcm_ms",
+        "gsm_ms",
+        "gsm",
+        "mp3",
+        "aac",
+        "amr_nb",
+        "amr_wb",
+        "opus",
+        "vorbis",
+        "flac",
+        "alac",
+    }
+)
 _DECODER_CODEC = {
-    "libgsm_ms": "gsm_ms", "libgsm": "gsm", "mp3float": "mp3", "aac_fixed": "aac", "aac_latm": "aac",
-    "amrnb": "amr_nb", "libopencore_amrnb": "amr_nb", "amrwb": "amr_wb", "libopencore_amrwb": "amr_wb",
-    "libopus": "opus", "libvorbis": "vorbis",
+    "libgsm_ms": "gsm_ms",
+    "libgsm": "gsm",
+    "mp3float": "mp3",
+    "aac_fixed": "aac",
+    "aac_latm": "aac",
+    "amrnb": "amr_nb",
+    "libopencore_amrnb": "amr_nb",
+    "amrwb": "amr_wb",
+    "libopencore_amrwb": "amr_wb",
+    "libopus": "opus",
+    "libvorbis": "vorbis",
 }
 # Containers whose declared stream duration is exact (not estimated from the bit rate like ADTS or MP3).
 _EXACT_DURATION = {"wav", "mov", "flac", "ogg", "matroska"}
@@ -86,8 +119,9 @@ def sniff(data: bytes) -> str:
     raise errors.InvalidAudio()
 
 
-def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS,
-                 refuse_longer: bool = False) -> AudioClip:
+def decode_bytes(
+    data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets: int = MAX_PACKETS, refuse_longer: bool = False
+) -> AudioClip:
     """Decode in this process. The server calls this only inside a DecoderPool worker.
 
     `refuse_longer`: audio longer than `max_samples` is an AudioTooLong error (found before decoding where the
@@ -109,8 +143,12 @@ def decode_bytes(data: bytes, *, max_samples: int = WINDOW_SAMPLES, max_packets:
 
 def _open(data: bytes, container_name: str) -> Any:
     try:
-        return av.open(io.BytesIO(data), mode="r", format=container_name,  # the sniffed container is the demuxer's name
-                       options={"enable_drefs": "0", "use_absolute_path": "0"})
+        return av.open(
+            io.BytesIO(data),
+            mode="r",
+            format=container_name,  # the sniffed container is the demuxer's name
+            options={"enable_drefs": "0", "use_absolute_path": "0"},
+        )
     except (av.FFmpegError, ValueError, OSError):
         raise errors.InvalidAudio() from None
 
@@ -267,8 +305,9 @@ def downmix(planes: np.ndarray, layout: Any) -> np.ndarray:
 def _check_frame(frame: Any) -> None:
     channels = frame.layout.nb_channels
     if not 0 < channels <= MAX_CHANNELS:
-        raise errors.UnsupportedCodec(f"The audio format is not supported: {channels} channels "
-                                      f"(at most {MAX_CHANNELS}).")
+        raise errors.UnsupportedCodec(
+            f"The audio format is not supported: {channels} channels (at most {MAX_CHANNELS})."
+        )
     if not MIN_RATE_HZ <= frame.sample_rate <= MAX_RATE_HZ:
         raise errors.UnsupportedCodec(f"The audio format is not supported: sample rate {frame.sample_rate} Hz.")
 
@@ -285,8 +324,15 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
 
 _ERRORS: dict[str, type[errors.AudioError]] = {
     cls.__name__: cls
-    for cls in (errors.AudioError, errors.AudioEmpty, errors.AudioTooShort, errors.AudioTooLong, errors.InvalidAudio,
-                errors.UnsupportedCodec, errors.DecodeTimeout)
+    for cls in (
+        errors.AudioError,
+        errors.AudioEmpty,
+        errors.AudioTooShort,
+        errors.AudioTooLong,
+        errors.InvalidAudio,
+        errors.UnsupportedCodec,
+        errors.DecodeTimeout,
+    )
 }
 
 
@@ -330,8 +376,11 @@ class _Worker:
         result_r, result_w = os.pipe()
         code = f"import ting.audio.decode as d; d.child_main({job_r}, {result_w}, {memory_bytes}, {target!r})"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, close_fds=True,
+            [sys.executable, "-c", code],
+            pass_fds=(job_r, result_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
         )
         os.close(job_r)
         os.close(result_w)
@@ -429,8 +478,11 @@ class DecoderPool:
             if long is not None:
                 long.release()
             raise
-        job = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
-            self._threads, self._run, worker, data, int(max_seconds * SAMPLE_RATE), refuse_longer))
+        job = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(
+                self._threads, self._run, worker, data, int(max_seconds * SAMPLE_RATE), refuse_longer
+            )
+        )
         job.add_done_callback(self._give_back)
         if long is not None:
             job.add_done_callback(lambda _: long.release())
@@ -446,8 +498,9 @@ class DecoderPool:
             return  # the loop is shutting down (or spawning a replacement failed): nothing to give back
         self._idle.put_nowait(job.result()[0])
 
-    def _run(self, worker: _Worker, data: bytes, max_samples: int,
-             refuse_longer: bool) -> tuple[_Worker, AudioClip | BaseException]:
+    def _run(
+        self, worker: _Worker, data: bytes, max_samples: int, refuse_longer: bool
+    ) -> tuple[_Worker, AudioClip | BaseException]:
         try:
             worker.jobs.send({"max_samples": max_samples, "refuse_longer": refuse_longer})
             worker.jobs.send_bytes(data)
@@ -460,8 +513,10 @@ class DecoderPool:
             samples = np.frombuffer(worker.results.recv_bytes(), dtype=np.float32)
         except (EOFError, OSError, struct.error, ValueError, TypeError, IndexError):
             log.warning("audio decoder worker died (exit code %s); replacing it", worker.process.poll())
-            return self._retire(worker), errors.InvalidAudio("The audio could not be decoded: the decoder failed "
-                                                            "on this file.")
+            return self._retire(worker), errors.InvalidAudio(
+                "The audio could not be decoded: the decoder failed on this file."
+            )
         duration_s, truncated, container, codec = reply[1]
-        return worker, AudioClip(samples=samples, duration_s=duration_s, truncated=truncated,
-                                 container=container, codec=codec)
+        return worker, AudioClip(
+            samples=samples, duration_s=duration_s, truncated=truncated, container=container, codec=codec
+        )

@@ -30,16 +30,33 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _BLOCKED = tuple(
     ipaddress.ip_network(n)
     for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-        "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
-        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
         "::/96",  # IPv4-compatible (deprecated) and the unspecified / loopback addresses
-        "64:ff9b::/96", "64:ff9b:1::/48",  # NAT64
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",  # NAT64
         "100::/64",  # discard
         "2001::/23",  # IETF protocol assignments, Teredo included
-        "2001:db8::/32", "3fff::/20",  # documentation
+        "2001:db8::/32",
+        "3fff::/20",  # documentation
         "2002::/16",  # 6to4
-        "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
     )
 )
 
@@ -96,8 +113,7 @@ def is_public(ip: IPAddress) -> bool:
     if any(ip in net for net in _BLOCKED if net.version == ip.version):
         return False
     return ip.is_global and not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-        or ip.is_unspecified
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
     )
 
 

@@ -107,8 +107,9 @@ class HttpFetcher:
             trust_env=False,
             follow_redirects=False,
             verify=verify,
-            timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
-                                  pool=total_timeout_s),
+            timeout=httpx.Timeout(
+                connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s, pool=total_timeout_s
+            ),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=0),
             headers={"User-Agent": "ting-media-fetcher/0.1", "Accept": "*/*", "Accept-Encoding": "identity"},
         )
@@ -149,8 +150,7 @@ class HttpFetcher:
         if ":" in target.host and target.ip is not None:  # IPv6 literal
             host_header = f"[{target.host}]" + (f":{target.port}" if target.url.port else "")
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-        request = self._client.build_request("GET", pinned, headers={"Host": host_header},
-                                             extensions=extensions)
+        request = self._client.build_request("GET", pinned, headers={"Host": host_header}, extensions=extensions)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException:
@@ -237,8 +237,9 @@ def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
         raise DataUriTooLarge(f"Exceeded limit on max bytes per data-uri item : {max_bytes}")
     params = [p.strip().lower() for p in header.split(";")]
     if len(params) < 2 or params[-1] != "base64":
-        raise InvalidDataUri("The data URI is invalid: only base64 data URIs are accepted "
-                             "(data:[<mime>];base64,<payload>).")
+        raise InvalidDataUri(
+            "The data URI is invalid: only base64 data URIs are accepted (data:[<mime>];base64,<payload>)."
+        )
     raw = "".join(payload.split()).encode("ascii", "replace")
     if len(raw) % 4 == 1 or not _BASE64_CHARS.match(raw):
         raise InvalidDataUri("The data URI is invalid: its payload is not valid base64.")
@@ -282,7 +283,7 @@ class AudioSources:
                 raise OssNotResolved()
             if self.store is None:
                 raise UnsupportedScheme()
-            key = source[len("oss://"):]
+            key = source[len("oss://") :]
             if not key:
                 raise MediaUrlError()
             data = await self.store.read_object(key, owner=owner)

@@ -41,8 +41,21 @@ from ting.client._common import (
 from ting.client._sync import Client
 
 __all__ = [
-    "AsyncClient", "AuthenticationError", "BadRequestError", "ChatDelta", "ChatResult", "Client", "ConnectionFailed",
-    "NotFoundError", "PermissionDeniedError", "QuotaExceededError", "RateLimitError", "RetryPolicy", "Segment",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatDelta",
+    "ChatResult",
+    "Client",
+    "ConnectionFailed",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RetryPolicy",
+    "Segment",
     "ServerError",
-    "TingError", "Transcript", "Usage",
+    "TingError",
+    "Transcript",
+    "Usage",
 ]

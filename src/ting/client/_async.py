@@ -43,8 +43,16 @@ from ting.client._common import (
 class AsyncClient:
     """Talks to a Ting server (or the hosted DashScope API) from asyncio code. See Client."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str = DEFAULT_MODEL,
-                 timeout: float = 300.0, max_retries: int = 2, max_retry_wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        model: str = DEFAULT_MODEL,
+        timeout: float = 300.0,
+        max_retries: int = 2,
+        max_retry_wait_s: float = 30.0,
+    ) -> None:
         self.base_url = default_base_url(base_url)
         self.api_key = default_api_key(api_key)
         self.model = model
@@ -81,8 +89,14 @@ class AsyncClient:
     async def upload(self, audio: AudioInput) -> str:
         """Upload a file through the DashScope upload flow; returns its oss:// reference (kept 48 h)."""
         data, name = read_audio(audio)
-        policy = (await self._send("GET", f"{self.base_url}/api/v1/uploads", headers=auth_headers(self.api_key),
-                                   params={"action": "getPolicy", "model": self.model})).json()["data"]
+        policy = (
+            await self._send(
+                "GET",
+                f"{self.base_url}/api/v1/uploads",
+                headers=auth_headers(self.api_key),
+                params={"action": "getPolicy", "model": self.model},
+            )
+        ).json()["data"]
         fields, reference = upload_fields(policy, name)
         await self._send("POST", policy["upload_host"], data=fields, files={"file": (name, data)})
         return reference
@@ -93,22 +107,38 @@ class AsyncClient:
         data, _ = read_audio(audio)
         return await self.upload(data) if needs_upload(data) else data_uri(data)
 
-    async def chat(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
-                   history: list[dict[str, Any]] | None = None, system: str | None = None, stream: bool = False,
-                   model: str | None = None, **parameters: Any) -> ChatResult | AsyncIterator[ChatDelta]:
+    async def chat(
+        self,
+        text: str | None = None,
+        *,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        system: str | None = None,
+        stream: bool = False,
+        model: str | None = None,
+        **parameters: Any,
+    ) -> ChatResult | AsyncIterator[ChatDelta]:
         """Ask about audio: the whole answer, or with stream=True the deltas (`async for d in await chat(...)`)."""
         if stream:
             return self.stream(text, audio=audio, history=history, system=system, model=model, **parameters)
         refs = [await self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
         body = chat_body(model or self.model, messages, False, parameters)
-        response = await self._send("POST", self.base_url + GENERATION_PATH, json=body,
-                                    headers=chat_headers(self.api_key, False, oss))
+        response = await self._send(
+            "POST", self.base_url + GENERATION_PATH, json=body, headers=chat_headers(self.api_key, False, oss)
+        )
         return parse_result(response.json(), messages)
 
-    async def stream(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
-                     history: list[dict[str, Any]] | None = None, system: str | None = None, model: str | None = None,
-                     **parameters: Any) -> AsyncIterator[ChatDelta]:
+    async def stream(
+        self,
+        text: str | None = None,
+        *,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        **parameters: Any,
+    ) -> AsyncIterator[ChatDelta]:
         """The answer as it is generated."""
         refs = [await self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
@@ -117,8 +147,7 @@ class AsyncClient:
         attempt = 0
         while True:
             try:
-                async with self._http.stream("POST", self.base_url + GENERATION_PATH, json=body,
-                                             headers=headers) as r:
+                async with self._http.stream("POST", self.base_url + GENERATION_PATH, json=body, headers=headers) as r:
                     if r.status_code < 400:
                         reader = EventReader()
                         async for line in r.aiter_lines():
@@ -133,14 +162,22 @@ class AsyncClient:
             await self._wait_or_raise(error, attempt)
             attempt += 1
 
-    async def transcribe(self, audio: AudioInput, *, language: str | None = None, prompt: str | None = None,
-                         translate: bool = False, response_format: str = "json",
-                         model: str | None = None) -> Transcript | str:
+    async def transcribe(
+        self,
+        audio: AudioInput,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        translate: bool = False,
+        response_format: str = "json",
+        model: str | None = None,
+    ) -> Transcript | str:
         """The words in a recording (OpenAI's Whisper-style endpoint). srt, vtt and text come back as strings."""
         data, name = (await self._download(str(audio)), "audio") if is_reference(audio) else read_audio(audio)
         path, fields = transcription_request(model or self.model, response_format, language, prompt, translate)
-        response = await self._send("POST", self.base_url + path, data=fields, files={"file": (name, data)},
-                                    headers=auth_headers(self.api_key))
+        response = await self._send(
+            "POST", self.base_url + path, data=fields, files={"file": (name, data)}, headers=auth_headers(self.api_key)
+        )
         return transcript_of(response, fields)
 
     async def _download(self, url: str) -> bytes:

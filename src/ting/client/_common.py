@@ -29,8 +29,9 @@ class TingError(Exception):
 
     retry_after: float | None = None
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 request_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.code, self.request_id = message, status, code, request_id
 
@@ -83,8 +84,11 @@ def error_from(status: int, body: Any, text: str = "") -> TingError:
     if status == 401:
         cls: type[TingError] = AuthenticationError
     elif status == 403 or code in ("AllocationQuota.FreeTierOnly", "insufficient_quota"):
-        cls = QuotaExceededError if code in ("AllocationQuota.FreeTierOnly", "insufficient_quota") \
+        cls = (
+            QuotaExceededError
+            if code in ("AllocationQuota.FreeTierOnly", "insufficient_quota")
             else PermissionDeniedError
+        )
     elif status == 404:
         cls = NotFoundError
     elif status == 429:
@@ -201,16 +205,24 @@ def chat_headers(api_key: str | None, stream: bool, oss: bool) -> dict[str, str]
 
 def _usage(body: dict[str, Any]) -> Usage:
     u = body.get("usage") or {}
-    return Usage(input_tokens=u.get("input_tokens", 0), output_tokens=u.get("output_tokens", 0),
-                 audio_tokens=u.get("audio_tokens", 0))
+    return Usage(
+        input_tokens=u.get("input_tokens", 0),
+        output_tokens=u.get("output_tokens", 0),
+        audio_tokens=u.get("audio_tokens", 0),
+    )
 
 
 def parse_result(body: dict[str, Any], messages: list[dict[str, Any]]) -> ChatResult:
     choice = body["output"]["choices"][0]
     text = "".join(c.get("text", "") for c in choice["message"]["content"])
     history = [*messages, {"role": "assistant", "content": [{"text": text}]}]
-    return ChatResult(text=text, finish_reason=choice.get("finish_reason") or "stop", usage=_usage(body),
-                      request_id=body.get("request_id", ""), messages=history)
+    return ChatResult(
+        text=text,
+        finish_reason=choice.get("finish_reason") or "stop",
+        usage=_usage(body),
+        request_id=body.get("request_id", ""),
+        messages=history,
+    )
 
 
 class EventReader:
@@ -228,9 +240,12 @@ class EventReader:
                 raise error_from(500 if str(body.get("code", "")).startswith("Internal") else 400, body)
             choice = body["output"]["choices"][0]
             reason = choice.get("finish_reason")
-            return ChatDelta(text="".join(c.get("text", "") for c in choice["message"]["content"]),
-                             finish_reason=None if reason in (None, "null") else reason, usage=_usage(body),
-                             request_id=body.get("request_id", ""))
+            return ChatDelta(
+                text="".join(c.get("text", "") for c in choice["message"]["content"]),
+                finish_reason=None if reason in (None, "null") else reason,
+                usage=_usage(body),
+                request_id=body.get("request_id", ""),
+            )
         return None
 
 
@@ -297,8 +312,9 @@ def download_failed(url: str, reason: str) -> ConnectionFailed:
     return ConnectionFailed(f"cannot download {url} ({reason})")
 
 
-def transcription_request(model: str, response_format: str, language: str | None, prompt: str | None,
-                          translate: bool) -> tuple[str, dict[str, str]]:
+def transcription_request(
+    model: str, response_format: str, language: str | None, prompt: str | None, translate: bool
+) -> tuple[str, dict[str, str]]:
     """The endpoint path and form fields of a transcription (json is asked as verbose_json, for the segments)."""
     fields = {"model": model, "response_format": "verbose_json" if response_format == "json" else response_format}
     if language and not translate:
@@ -321,15 +337,17 @@ def clips_of(audio: AudioInput | Sequence[AudioInput] | None) -> list[AudioInput
     return list(audio)
 
 
-def conversation(history: list[dict[str, Any]] | None, system: str | None, text: str | None,
-                 references: list[str]) -> tuple[list[dict[str, Any]], bool]:
+def conversation(
+    history: list[dict[str, Any]] | None, system: str | None, text: str | None, references: list[str]
+) -> tuple[list[dict[str, Any]], bool]:
     """The messages to send, and whether any refers to an upload (oss://)."""
     messages = list(history or [])
     if system and not messages:
         messages.append({"role": "system", "content": [{"text": system}]})
     messages.append(user_message(text, references))
-    oss = any(str(c.get("audio", "")).startswith("oss://") for m in messages for c in m["content"]
-              if isinstance(c, dict))
+    oss = any(
+        str(c.get("audio", "")).startswith("oss://") for m in messages for c in m["content"] if isinstance(c, dict)
+    )
     return messages, oss
 
 
@@ -337,15 +355,22 @@ def parse_transcript(body: Any, response_format: str) -> Transcript | str:
     if response_format in ("text", "srt", "vtt"):
         return str(body)
     segments = [Segment(s["start"], s["end"], s["text"]) for s in body.get("segments", [])]
-    return Transcript(text=body["text"], segments=segments, duration=body.get("duration"),
-                      language=body.get("language"))
+    return Transcript(
+        text=body["text"], segments=segments, duration=body.get("duration"), language=body.get("language")
+    )
 
 
 def upload_fields(policy: dict[str, Any], name: str) -> tuple[dict[str, str], str]:
     """The OSS form fields for an upload, and the oss:// reference it will have."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "audio"
     key = f"{policy['upload_dir']}/{safe}"
-    fields = {"OSSAccessKeyId": policy["oss_access_key_id"], "Signature": policy["signature"],
-              "policy": policy["policy"], "key": key, "x-oss-object-acl": policy["x_oss_object_acl"],
-              "x-oss-forbid-overwrite": policy["x_oss_forbid_overwrite"], "success_action_status": "200"}
+    fields = {
+        "OSSAccessKeyId": policy["oss_access_key_id"],
+        "Signature": policy["signature"],
+        "policy": policy["policy"],
+        "key": key,
+        "x-oss-object-acl": policy["x_oss_object_acl"],
+        "x-oss-forbid-overwrite": policy["x_oss_forbid_overwrite"],
+        "success_action_status": "200",
+    }
     return fields, f"oss://{key}"

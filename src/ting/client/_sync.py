@@ -50,8 +50,16 @@ class Client:
     gives (never waiting longer than `max_retry_wait_s`: a longer one is raised at once, with `retry_after`).
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str = DEFAULT_MODEL,
-                 timeout: float = 300.0, max_retries: int = 2, max_retry_wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        model: str = DEFAULT_MODEL,
+        timeout: float = 300.0,
+        max_retries: int = 2,
+        max_retry_wait_s: float = 30.0,
+    ) -> None:
         self.base_url = default_base_url(base_url)
         self.api_key = default_api_key(api_key)
         self.model = model
@@ -88,8 +96,12 @@ class Client:
     def upload(self, audio: AudioInput) -> str:
         """Upload a file through the DashScope upload flow; returns its oss:// reference (kept 48 h)."""
         data, name = read_audio(audio)
-        policy = self._send("GET", f"{self.base_url}/api/v1/uploads", headers=auth_headers(self.api_key),
-                            params={"action": "getPolicy", "model": self.model}).json()["data"]
+        policy = self._send(
+            "GET",
+            f"{self.base_url}/api/v1/uploads",
+            headers=auth_headers(self.api_key),
+            params={"action": "getPolicy", "model": self.model},
+        ).json()["data"]
         fields, reference = upload_fields(policy, name)
         self._send("POST", policy["upload_host"], data=fields, files={"file": (name, data)})
         return reference
@@ -100,9 +112,17 @@ class Client:
         data, _ = read_audio(audio)
         return self.upload(data) if needs_upload(data) else data_uri(data)
 
-    def chat(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
-             history: list[dict[str, Any]] | None = None, system: str | None = None, stream: bool = False,
-             model: str | None = None, **parameters: Any) -> ChatResult | Iterator[ChatDelta]:
+    def chat(
+        self,
+        text: str | None = None,
+        *,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        system: str | None = None,
+        stream: bool = False,
+        model: str | None = None,
+        **parameters: Any,
+    ) -> ChatResult | Iterator[ChatDelta]:
         """Ask about audio: the whole answer, or with stream=True the deltas (as stream() gives them).
 
         `history` is the `messages` of an earlier ChatResult (the conversation so far). `parameters` are the
@@ -113,13 +133,21 @@ class Client:
         refs = [self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
         body = chat_body(model or self.model, messages, False, parameters)
-        response = self._send("POST", self.base_url + GENERATION_PATH, json=body,
-                              headers=chat_headers(self.api_key, False, oss))
+        response = self._send(
+            "POST", self.base_url + GENERATION_PATH, json=body, headers=chat_headers(self.api_key, False, oss)
+        )
         return parse_result(response.json(), messages)
 
-    def stream(self, text: str | None = None, *, audio: AudioInput | Sequence[AudioInput] | None = None,
-               history: list[dict[str, Any]] | None = None, system: str | None = None, model: str | None = None,
-               **parameters: Any) -> Iterator[ChatDelta]:
+    def stream(
+        self,
+        text: str | None = None,
+        *,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        **parameters: Any,
+    ) -> Iterator[ChatDelta]:
         """The answer as it is generated."""
         refs = [self._reference(a) for a in clips_of(audio)]
         messages, oss = conversation(history, system, text, refs)
@@ -143,14 +171,22 @@ class Client:
             self._wait_or_raise(error, attempt)
             attempt += 1
 
-    def transcribe(self, audio: AudioInput, *, language: str | None = None, prompt: str | None = None,
-                   translate: bool = False, response_format: str = "json",
-                   model: str | None = None) -> Transcript | str:
+    def transcribe(
+        self,
+        audio: AudioInput,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        translate: bool = False,
+        response_format: str = "json",
+        model: str | None = None,
+    ) -> Transcript | str:
         """The words in a recording (OpenAI's Whisper-style endpoint). srt, vtt and text come back as strings."""
         data, name = (self._download(str(audio)), "audio") if is_reference(audio) else read_audio(audio)
         path, fields = transcription_request(model or self.model, response_format, language, prompt, translate)
-        response = self._send("POST", self.base_url + path, data=fields, files={"file": (name, data)},
-                              headers=auth_headers(self.api_key))
+        response = self._send(
+            "POST", self.base_url + path, data=fields, files={"file": (name, data)}, headers=auth_headers(self.api_key)
+        )
         return transcript_of(response, fields)
 
     def _download(self, url: str) -> bytes:

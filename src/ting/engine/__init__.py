@@ -62,8 +62,9 @@ class EngineClient(Protocol):
 
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling: ...
 
-    def generate(self, prompt: Prompt, sampling: Sampling, *, request_id: str = "") -> AsyncGenerator[GenerationChunk]:
-        ...
+    def generate(
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
+    ) -> AsyncGenerator[GenerationChunk]: ...
 
 
 TEST_WRAPPER_ENV = "TING_TEST_BACKEND_WRAPPER"  # tests and benches only: "module:function" applied to the backend
@@ -114,19 +115,25 @@ def resolve_sampling(params: SamplingParams, prompt: Prompt, defaults: Defaults,
         stop_token_ids=frozenset(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
     )
-    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 \
-            or sampling.repetition_penalty <= 0:
+    if (
+        sampling.temperature < 0
+        or not 0 < sampling.top_p <= 1
+        or sampling.top_k < 0
+        or sampling.repetition_penalty <= 0
+    ):
         raise InvalidParameter()
     check_sampling(sampling)
     return sampling
 
 
 class Engine:
-    def __init__(self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_token_budget: int = 1024) -> None:
+    def __init__(
+        self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 256, prefill_token_budget: int = 1024
+    ) -> None:
         self.backend = backend
-        self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
-                                   prefill_token_budget=prefill_token_budget)
+        self.scheduler = Scheduler(
+            backend, max_batch_size=max_batch_size, max_queue=max_queue, prefill_token_budget=prefill_token_budget
+        )
 
     @classmethod
     def load(
@@ -145,8 +152,14 @@ class Engine:
         model = checkpoint_path(model, home)
         from ting.engine import qwen2_audio
 
-        backend = qwen2_audio.load(model, device=device, dtype=dtype, random_weights=random_weights,
-                                   max_batch_size=max_batch_size, max_model_len=max_model_len)
+        backend = qwen2_audio.load(
+            model,
+            device=device,
+            dtype=dtype,
+            random_weights=random_weights,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+        )
         return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)
 
     def describe(self) -> dict[str, Any]:
@@ -198,8 +211,13 @@ class Engine:
 def check_sampling(s: Sampling) -> None:
     """What the wire let through must still be something the model can take: checked before the request joins
     a batch, so that it fails alone and at once (400), not inside a batched pass on the engine thread."""
-    floats = {"temperature": s.temperature, "top_p": s.top_p, "repetition_penalty": s.repetition_penalty,
-              "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty}
+    floats = {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "repetition_penalty": s.repetition_penalty,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+    }
     for name, value in floats.items():
         if not math.isfinite(value):
             raise InvalidParameter(f"{name} must be a finite number.")

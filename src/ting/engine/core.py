@@ -47,8 +47,7 @@ class EngineCore:
         self._chunks: list[list[Any]] = []
         self._errors: list[list[Any]] = []
         self._sent_stats: list[int] = []
-        self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue,
-                                   publish=self.publish)
+        self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue, publish=self.publish)
 
     def collect(self, seq: Sequence, item: GenerationChunk | BaseException) -> None:
         with self._outbox_lock:
@@ -115,10 +114,14 @@ def die_with_parent(parent_pid: int) -> None:
 def load_backend(config: dict[str, Any]) -> Backend:
     from ting.engine import qwen2_audio
 
-    backend: Backend = qwen2_audio.load(config["path"], device=config["device"], dtype=config["dtype"],
-                                        random_weights=config["random_weights"],
-                                        max_batch_size=config["max_batch_size"],
-                                        max_model_len=config["max_model_len"])
+    backend: Backend = qwen2_audio.load(
+        config["path"],
+        device=config["device"],
+        dtype=config["dtype"],
+        random_weights=config["random_weights"],
+        max_batch_size=config["max_batch_size"],
+        max_model_len=config["max_model_len"],
+    )
     return apply_test_wrapper(backend)
 
 
@@ -126,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((argv or sys.argv[1:])[0])
     die_with_parent(config["parent_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
-    logging.basicConfig(level=config.get("log_level", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[engine %(process)d]: %(message)s")
+    logging.basicConfig(
+        level=config.get("log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s[engine %(process)d]: %(message)s",
+    )
     context = zmq.Context()
     requests = context.socket(zmq.PULL)
     requests.connect(config["requests"])

@@ -97,13 +97,13 @@ class IncrementalDecoder:
         return self._release(self._new_text(final=True), final=True)
 
     def _new_text(self, *, final: bool) -> str:
-        done = self._decode(self._ids[self._prefix:self._read])
-        whole = self._decode(self._ids[self._prefix:])
+        done = self._decode(self._ids[self._prefix : self._read])
+        whole = self._decode(self._ids[self._prefix :])
         complete = not whole.endswith(REPLACEMENT) or len(self._ids) - self._read >= MAX_PENDING_TOKENS
         if len(whole) <= len(done) or not (complete or final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return whole[len(done):]
+        return whole[len(done) :]
 
     def _release(self, delta: str, *, final: bool) -> str:
         buffer = self._held + delta
@@ -115,7 +115,7 @@ class IncrementalDecoder:
             out, self._held = buffer, ""
         else:
             keep = self._stop.held
-            out, self._held = buffer[:len(buffer) - keep], buffer[len(buffer) - keep:]
+            out, self._held = buffer[: len(buffer) - keep], buffer[len(buffer) - keep :]
         self.text += out
         return out
 

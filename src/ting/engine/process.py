@@ -65,8 +65,9 @@ class EngineOptions:
 class _Child:
     """One engine process and its two pipes."""
 
-    def __init__(self, generation: int, directory: str, options: EngineOptions,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, generation: int, directory: str, options: EngineOptions, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.generation = generation
         requests_addr = f"ipc://{directory}/requests-{generation}"
         results_addr = f"ipc://{directory}/results-{generation}"
@@ -76,18 +77,26 @@ class _Child:
         self.results = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self.results.setsockopt(zmq.RCVHWM, 0)
         self.results.bind(results_addr)
-        config = {"path": options.path, "device": options.device, "dtype": options.dtype,
-                  "random_weights": options.random_weights, "max_batch_size": options.max_batch_size,
-                  "max_queue": options.max_batch_size + options.max_queue, "max_model_len": options.max_model_len,
-                  "requests": requests_addr, "results": results_addr, "parent_pid": os.getpid(),
-                  "log_level": options.log_level}
+        config = {
+            "path": options.path,
+            "device": options.device,
+            "dtype": options.dtype,
+            "random_weights": options.random_weights,
+            "max_batch_size": options.max_batch_size,
+            "max_queue": options.max_batch_size + options.max_queue,
+            "max_model_len": options.max_model_len,
+            "requests": requests_addr,
+            "results": results_addr,
+            "parent_pid": os.getpid(),
+            "log_level": options.log_level,
+        }
         # Started from the event loop's thread: PR_SET_PDEATHSIG fires when the thread that started it ends.
-        self.proc = subprocess.Popen([sys.executable, "-m", "ting.engine.core", json.dumps(config)],
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ting.engine.core", json.dumps(config)], stdin=subprocess.DEVNULL
+        )
         self.started_at = time.monotonic()
         self.exited = asyncio.Event()
-        threading.Thread(target=self._wait, args=(loop,), name=f"ting-engine-wait-{self.proc.pid}",
-                         daemon=True).start()
+        threading.Thread(target=self._wait, args=(loop,), name=f"ting-engine-wait-{self.proc.pid}", daemon=True).start()
 
     def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         self.proc.wait()
@@ -160,8 +169,9 @@ class RemoteEngine:
         assert self._ready is not None
         return resolve_sampling(params, prompt, self._ready.defaults, self._ready.max_model_len)
 
-    async def generate(self, prompt: Prompt, sampling: Sampling, *,
-                       request_id: str = "") -> AsyncGenerator[GenerationChunk]:
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
+    ) -> AsyncGenerator[GenerationChunk]:
         """Stream the answer. Closing the iterator early (a client gone) aborts the request in the engine."""
         child = self._child
         if not self.alive or child is None:
@@ -257,8 +267,11 @@ class RemoteEngine:
         self._child = child
         self._reader = asyncio.create_task(self._read(child))
         self.state = "ready"
-        log.info("engine process %d ready (%s)", child.proc.pid, f"restart {self.restarts}" if self.restarts
-                 else "first start")
+        log.info(
+            "engine process %d ready (%s)",
+            child.proc.pid,
+            f"restart {self.restarts}" if self.restarts else "first start",
+        )
 
     async def _read(self, child: _Child) -> None:
         """Results of each step, to the queue of each request."""
@@ -298,8 +311,13 @@ class RemoteEngine:
             delay_s = self._next_backoff_s()
             self._failures_in_a_row += 1
             in_flight = len(self._streams)
-            log.error("the engine process %d %s; failing the %d requests in flight, restarting it in %.1f s",
-                      child.proc.pid, reason, in_flight, delay_s)
+            log.error(
+                "the engine process %d %s; failing the %d requests in flight, restarting it in %.1f s",
+                child.proc.pid,
+                reason,
+                in_flight,
+                delay_s,
+            )
             self._child = None
             await self._retire(child)
             self._fail_all(EngineDown(retry_after_s=delay_s))
@@ -332,7 +350,7 @@ class RemoteEngine:
 
     def _next_backoff_s(self) -> float:
         o = self.options
-        return float(min(o.max_backoff_s, o.first_backoff_s * 2 ** self._failures_in_a_row))
+        return float(min(o.max_backoff_s, o.first_backoff_s * 2**self._failures_in_a_row))
 
     async def _retire(self, child: _Child) -> None:
         if self._reader is not None:

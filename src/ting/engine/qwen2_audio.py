@@ -49,25 +49,31 @@ def resolve_checkpoint(model: str) -> Path:
     if path.is_dir():
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
-        raise ModelLoadError(f"No checkpoint directory at {model!r}. Pass a directory holding config.json, or a "
-                             f"hub id such as Qwen/Qwen2-Audio-7B-Instruct.")
+        raise ModelLoadError(
+            f"No checkpoint directory at {model!r}. Pass a directory holding config.json, or a "
+            f"hub id such as Qwen/Qwen2-Audio-7B-Instruct."
+        )
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(model, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
     except Exception:
         pass  # not cached (or only partly): download it
-    how = (f"Download it where the hub is reachable (`hf download {model}`) and copy the Hugging Face cache "
-           f"(~/.cache/huggingface) here, or pass --model /path/to/checkpoint. For an offline test model, "
-           f"use --model tiny.")
+    how = (
+        f"Download it where the hub is reachable (`hf download {model}`) and copy the Hugging Face cache "
+        f"(~/.cache/huggingface) here, or pass --model /path/to/checkpoint. For an offline test model, "
+        f"use --model tiny."
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"Model {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {how}")
     log.info("downloading %s from the Hugging Face hub", model)
     try:
         return Path(snapshot_download(model, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:
-        raise ModelLoadError(f"Model {model} is not in the local Hugging Face cache and could not be downloaded "
-                             f"({type(exc).__name__}). {how}") from None
+        raise ModelLoadError(
+            f"Model {model} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}). {how}"
+        ) from None
 
 
 def pick_device(device: str) -> torch.device:
@@ -85,8 +91,14 @@ def pick_device(device: str) -> torch.device:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelLoadError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.")
     return table[dtype]
@@ -110,8 +122,10 @@ def load(
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
         if random_weights or not has_weights:
             if not random_weights:
-                raise ModelLoadError(f"{path} holds no weights (*.safetensors). Serve it with --load-format dummy "
-                                     f"for random weights, or point --model at a full checkpoint.")
+                raise ModelLoadError(
+                    f"{path} holds no weights (*.safetensors). Serve it with --load-format dummy "
+                    f"for random weights, or point --model at a full checkpoint."
+                )
             config = AutoConfig.from_pretrained(path)
             torch.manual_seed(0)
             with dev:
@@ -128,8 +142,16 @@ def load(
     except Exception as exc:
         raise ModelLoadError(f"Could not load a Qwen2-Audio checkpoint from {path}: {exc}") from exc
     net.eval()
-    return Qwen2AudioBackend(net, processor, generation, device=dev, dtype=dt, max_batch_size=max_batch_size,
-                             max_model_len=max_model_len, path=path)
+    return Qwen2AudioBackend(
+        net,
+        processor,
+        generation,
+        device=dev,
+        dtype=dt,
+        max_batch_size=max_batch_size,
+        max_model_len=max_model_len,
+        path=path,
+    )
 
 
 # --- small-batch matrix products on CPU ------------------------------------------------------------------
@@ -167,7 +189,7 @@ def chunked_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     xt = x2d.t()
     out = torch.empty(weight.shape[0], x2d.shape[0], dtype=x2d.dtype, device=x2d.device)
     for i in range(0, weight.shape[0], SKINNY_CHUNK):
-        torch.mm(weight[i:i + SKINNY_CHUNK], xt, out=out[i:i + SKINNY_CHUNK])
+        torch.mm(weight[i : i + SKINNY_CHUNK], xt, out=out[i : i + SKINNY_CHUNK])
     if bias is not None:
         out += bias[:, None]
     return out.t()
@@ -196,13 +218,21 @@ BLOCKED_COPY_HEADROOM = 2 * 1024**3  # left free after the blocked copy: activat
 
 def _blocked_copy_fits(modules: Sequence[torch.nn.Module]) -> bool:
     """Whether a second, blocked copy of these modules' Linear weights fits in memory (with headroom)."""
-    need = sum(m.weight.numel() * m.weight.element_size() for module in modules for m in module.modules()
-               if type(m) is torch.nn.Linear)
+    need = sum(
+        m.weight.numel() * m.weight.element_size()
+        for module in modules
+        for m in module.modules()
+        if type(m) is torch.nn.Linear
+    )
     available = available_memory_bytes()
     if available is None or need + BLOCKED_COPY_HEADROOM <= available:
         return True
-    log.warning("batched CPU steps use chunked products: a blocked copy of the weights (%.1f GiB) does not fit in "
-                "the %.1f GiB of memory available", need / 2**30, available / 2**30)
+    log.warning(
+        "batched CPU steps use chunked products: a blocked copy of the weights (%.1f GiB) does not fit in "
+        "the %.1f GiB of memory available",
+        need / 2**30,
+        available / 2**30,
+    )
     return False
 
 
@@ -228,8 +258,17 @@ class SlotCache:
     own position, and the step attends over the first `kv_len` positions of the first `rows` rows.
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, max_len: int) -> None:
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+    ) -> None:
         self.shape = (slots, kv_heads, 0, head_dim)
         self.dtype, self.device, self.max_len = dtype, device, max_len
         self.keys = [self._empty(0) for _ in range(layers)]
@@ -264,8 +303,9 @@ class SlotCache:
     def begin_step(self, rows: int, positions: torch.Tensor, kv_len: int) -> None:
         self._mode = ("step", rows, positions, kv_len, torch.arange(rows, device=self.device))
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._mode[0] == "batch":  # several prompts, right-padded to one length, each into its own row
             rows, length = self._mode[1], key.shape[2]
@@ -301,15 +341,20 @@ class Qwen2AudioInputs:
         """Render the chat template, tokenize, extract log-mel features."""
         shaped, clips = template_messages(messages)
         for message in shaped:
-            texts = [message["content"]] if isinstance(message["content"], str) else \
-                [c.get("text", "") for c in message["content"]]
+            texts = (
+                [message["content"]]
+                if isinstance(message["content"], str)
+                else [c.get("text", "") for c in message["content"]]
+            )
             if any(marker in t for t in texts for marker in AUDIO_MARKERS):
-                raise InvalidParameter("The text may not contain the model's audio placeholder tokens "
-                                       f"({', '.join(AUDIO_MARKERS)}).")
+                raise InvalidParameter(
+                    f"The text may not contain the model's audio placeholder tokens ({', '.join(AUDIO_MARKERS)})."
+                )
         text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
         if clips:
-            out = self.processor(text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE,
-                                 return_tensors="pt")
+            out = self.processor(
+                text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            )
             frames = out["feature_attention_mask"].sum(-1).tolist()
             audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
             inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
@@ -318,7 +363,6 @@ class Qwen2AudioInputs:
             audio_tokens, inputs = (), None
         ids = tuple(out["input_ids"][0].tolist())
         return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
-
 
 
 def limit_threads(threads: int) -> None:
@@ -380,14 +424,25 @@ class Qwen2AudioBackend:
         )
         self.lm = model.model.language_model
         if device.type == "cpu":
-            blocked = (dtype == torch.float32 and torch.backends.mkldnn.is_available() and cpu_blocked_weights
-                       and _blocked_copy_fits([self.lm, model.lm_head]))
+            blocked = (
+                dtype == torch.float32
+                and torch.backends.mkldnn.is_available()
+                and cpu_blocked_weights
+                and _blocked_copy_fits([self.lm, model.lm_head])
+            )
             _use_skinny_linear(self.lm, blocked)
             _use_skinny_linear(model.lm_head, blocked)
         self.embed = self.lm.get_input_embeddings()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.cache = SlotCache(text.num_hidden_layers, max_batch_size, text.num_key_value_heads, head_dim,
-                               dtype=dtype, device=device, max_len=self.max_model_len)
+        self.cache = SlotCache(
+            text.num_hidden_layers,
+            max_batch_size,
+            text.num_key_value_heads,
+            head_dim,
+            dtype=dtype,
+            device=device,
+            max_len=self.max_model_len,
+        )
         self.slots = max_batch_size
         self._rows: list[_Row] = []  # row i of every per-row tensor belongs to self._rows[i]
         self._row_of: dict[int, int] = {}
@@ -399,8 +454,12 @@ class Qwen2AudioBackend:
     # --- Backend protocol ---
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "parameters": sum(p.numel() for p in self.model.parameters())}
+        return {
+            "path": str(self.path),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
         return self.inputs.prepare(messages)
@@ -426,8 +485,9 @@ class Qwen2AudioBackend:
                 token = self._prefill_one(seq_id, prompt, sampling, features)
             yield seq_id, token
 
-    def _prefill_batch(self, items: Sequence[tuple[int, Prompt, Sampling]],
-                       audio: list[torch.Tensor | None]) -> list[int]:
+    def _prefill_batch(
+        self, items: Sequence[tuple[int, Prompt, Sampling]], audio: list[torch.Tensor | None]
+    ) -> list[int]:
         """Several prompts in one forward pass: right-padded, a causal mask that also hides the padding.
 
         Larger matrix products than one prompt at a time (on CPU about a quarter faster per token), at the cost of
@@ -450,9 +510,13 @@ class Qwen2AudioBackend:
         visible = causal[None, None] & (positions[None, :] < lengths[:, None])[:, None, None, :]
         self.cache.reserve(width + 1)
         self.cache.begin_batch_prefill(rows)
-        hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": visible},
-                         position_ids=positions[None].expand(len(items), width), past_key_values=self.cache,
-                         use_cache=True).last_hidden_state
+        hidden = self.lm(
+            inputs_embeds=embeds,
+            attention_mask={"full_attention": visible},
+            position_ids=positions[None].expand(len(items), width),
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         last = hidden[torch.arange(len(items), device=self.device), lengths - 1]
         _Decoding.active = True
         try:
@@ -473,9 +537,13 @@ class Qwen2AudioBackend:
         length = ids.shape[1]
         self.cache.reserve(length + 1)
         self.cache.begin_prefill(row)
-        hidden = self.lm(inputs_embeds=embeds, attention_mask={"full_attention": None},
-                         position_ids=torch.arange(length, device=self.device)[None],
-                         past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.lm(
+            inputs_embeds=embeds,
+            attention_mask={"full_attention": None},
+            position_ids=torch.arange(length, device=self.device)[None],
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         logits = self.model.lm_head(hidden[:, -1])
         self._start_row(row, seq_id, prompt, sampling)
         return self._sample(logits, [row])[0]
@@ -489,14 +557,21 @@ class Qwen2AudioBackend:
         kv_len = int(positions.max()) + 1
         self.cache.reserve(kv_len)
         ragged = bool((positions != positions[0]).any())
-        mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :] if ragged \
+        mask = (
+            (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+            if ragged
             else None
+        )
         self.cache.begin_step(n, positions, kv_len)
         _Decoding.active = n > 1
         try:
-            hidden = self.lm(inputs_embeds=self.embed(self._last[:n, None]), attention_mask={"full_attention": mask},
-                             position_ids=positions[:, None], past_key_values=self.cache,
-                             use_cache=True).last_hidden_state
+            hidden = self.lm(
+                inputs_embeds=self.embed(self._last[:n, None]),
+                attention_mask={"full_attention": mask},
+                position_ids=positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
             logits = self.model.lm_head(hidden[:, -1])
         finally:
             _Decoding.active = False
@@ -537,12 +612,13 @@ class Qwen2AudioBackend:
             return [None] * len(prompts)
         # (numpy arrays when the prompt came from the server process: ting.engine.wire)
         features = torch.cat([torch.as_tensor(p.inputs["input_features"]) for p in prompts if p.audio_tokens])
-        frames = torch.cat([torch.as_tensor(p.inputs["feature_attention_mask"]) for p in prompts
-                            if p.audio_tokens]).sum(-1)
+        frames = torch.cat(
+            [torch.as_tensor(p.inputs["feature_attention_mask"]) for p in prompts if p.audio_tokens]
+        ).sum(-1)
         order = sorted(range(len(features)), key=lambda j: int(frames[j]))  # similar lengths share a batch
         per_clip: dict[int, torch.Tensor] = {}
         for start in range(0, len(order), ENCODER_BATCH):
-            chunk = order[start:start + ENCODER_BATCH]
+            chunk = order[start : start + ENCODER_BATCH]
             embeds = self._encode_clips(features[chunk].to(self.device, self.dtype), frames[chunk].to(self.device))
             per_clip.update(zip(chunk, embeds, strict=True))
         grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -566,9 +642,11 @@ class Qwen2AudioBackend:
         positions = hidden.shape[1]
         hidden = hidden + tower.embed_positions.weight[:positions]
         valid = (torch.arange(positions, device=self.device)[None, :] < after_conv[:, None]).long()
-        mask = create_bidirectional_mask(config=tower.config, attention_mask=valid,
-                                         inputs_embeds=torch.zeros(len(features), positions, 1, dtype=self.dtype,
-                                                                   device=self.device))
+        mask = create_bidirectional_mask(
+            config=tower.config,
+            attention_mask=valid,
+            inputs_embeds=torch.zeros(len(features), positions, 1, dtype=self.dtype, device=self.device),
+        )
         for layer in tower.layers:
             hidden = layer(hidden, mask)
         hidden = tower.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
@@ -617,8 +695,8 @@ class Qwen2AudioBackend:
         outside[:, 0] = False
         probs = probs.masked_fill(outside, 0.0)
         cumulative = probs.cumsum(-1)
-        draws = torch.tensor([torch.rand((), generator=self._rows[r].generator).item() for r in rows],
-                             device=self.device)[:, None]
+        draws = torch.tensor(
+            [torch.rand((), generator=self._rows[r].generator).item() for r in rows], device=self.device
+        )[:, None]
         pick = (cumulative < draws * cumulative[:, -1:]).sum(-1).clamp(max=width - 1)
         return ids.gather(1, pick[:, None]).squeeze(1)
-

@@ -106,14 +106,26 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, request_id: str, prompt: Prompt, sampling: Sampling, *, seq_id: int | None = None,
-               sink: Callable[[Sequence, GenerationChunk | BaseException], None] | None = None) -> Sequence:
+    def submit(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        sampling: Sampling,
+        *,
+        seq_id: int | None = None,
+        sink: Callable[[Sequence, GenerationChunk | BaseException], None] | None = None,
+    ) -> Sequence:
         """Queue a request. Its results go to the caller's event loop, or to `sink` (from any thread)."""
         loop = asyncio.get_running_loop() if sink is None else None
         seq = Sequence(
-            id=next(self._ids) if seq_id is None else seq_id, request_id=request_id, prompt=prompt,
-            sampling=sampling, loop=loop, queue=asyncio.Queue() if sink is None else None,
-            decoder=IncrementalDecoder(self.backend.detokenize, sampling.stop), sink=sink,
+            id=next(self._ids) if seq_id is None else seq_id,
+            request_id=request_id,
+            prompt=prompt,
+            sampling=sampling,
+            loop=loop,
+            queue=asyncio.Queue() if sink is None else None,
+            decoder=IncrementalDecoder(self.backend.detokenize, sampling.stop),
+            sink=sink,
         )
         with self._lock:
             if self._stopping:
@@ -191,8 +203,12 @@ class Scheduler:
             self._prefill(batch, pending)
         except Exception as exc:
             if len(pending) > 1:  # one bad prompt must not fail its batch-mates: each again, by itself
-                log.warning("a prefill of %d prompts failed (%s: %s); prefilling them one by one", len(pending),
-                            type(exc).__name__, exc)
+                log.warning(
+                    "a prefill of %d prompts failed (%s: %s); prefilling them one by one",
+                    len(pending),
+                    type(exc).__name__,
+                    exc,
+                )
                 self._prefill_alone(list(pending.values()))
             else:
                 self._fail_prefill(list(pending.values()), exc)
@@ -249,11 +265,14 @@ class Scheduler:
             text = s.decoder.push(token)
             if s.decoder.stopped:
                 finish = "stop"
-            elif (len(s.output_ids) >= s.sampling.max_tokens
-                  or len(s.prompt.token_ids) + len(s.output_ids) >= self.backend.max_model_len):
+            elif (
+                len(s.output_ids) >= s.sampling.max_tokens
+                or len(s.prompt.token_ids) + len(s.output_ids) >= self.backend.max_model_len
+            ):
                 text, finish = text + s.decoder.flush(), "length"
-        usage = Usage(input_tokens=s.prompt.text_tokens, audio_tokens=sum(s.prompt.audio_tokens),
-                      output_tokens=len(s.output_ids))
+        usage = Usage(
+            input_tokens=s.prompt.text_tokens, audio_tokens=sum(s.prompt.audio_tokens), output_tokens=len(s.output_ids)
+        )
         s.emit(GenerationChunk(text=text, token_ids=(token,), finish_reason=finish, usage=usage))
         if finish is not None:
             s.finished = True

@@ -66,23 +66,62 @@ A man is speaking in a quiet room. Glass is breaking. A dog is barking in the di
 """
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=4, layers=2, enc_width=64, enc_heads=4,
-                 enc_ffn=128, enc_layers=2, real_vocab=False, init_std=0.4, weights=True),
-    "real-width": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=2, enc_width=1280,
-                       enc_heads=20, enc_ffn=5120, enc_layers=2, real_vocab=True, init_std=0.02, weights=False),
-    "7b": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, enc_width=1280, enc_heads=20,
-               enc_ffn=5120, enc_layers=32, real_vocab=True, init_std=0.02, weights=False),
+    "tiny": dict(
+        hidden=64,
+        intermediate=128,
+        heads=4,
+        kv_heads=4,
+        layers=2,
+        enc_width=64,
+        enc_heads=4,
+        enc_ffn=128,
+        enc_layers=2,
+        real_vocab=False,
+        init_std=0.4,
+        weights=True,
+    ),
+    "real-width": dict(
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        layers=2,
+        enc_width=1280,
+        enc_heads=20,
+        enc_ffn=5120,
+        enc_layers=2,
+        real_vocab=True,
+        init_std=0.02,
+        weights=False,
+    ),
+    "7b": dict(
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        layers=32,
+        enc_width=1280,
+        enc_heads=20,
+        enc_ffn=5120,
+        enc_layers=32,
+        real_vocab=True,
+        init_std=0.02,
+        weights=False,
+    ),
 }
 
 
 def build_tokenizer(real_vocab: bool) -> Qwen2Tokenizer:
     trainer_model = Tokenizer(models.BPE())
-    trainer_model.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     trainer_model.train_from_iterator([line for line in CORPUS.splitlines() if line] * 4, trainer)
     state = json.loads(trainer_model.to_str())
     vocab: dict[str, int] = dict(state["model"]["vocab"])
@@ -95,9 +134,13 @@ def build_tokenizer(real_vocab: bool) -> Qwen2Tokenizer:
     for offset, token in enumerate(SPECIAL_TOKENS):
         vocab[token] = first_special + offset
     return Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None,  # type: ignore[arg-type]  # (stubs narrower than the code)
-        eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        padding_side="left", extra_special_tokens=SPECIAL_TOKENS[1:],
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # (the stubs are narrower than what the tokenizer takes)
+        unk_token=None,  # type: ignore[arg-type]
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens=SPECIAL_TOKENS[1:],
     )
 
 
@@ -107,16 +150,31 @@ def build_config(preset: str, tokenizer: Qwen2Tokenizer, layers: int | None = No
     vocab_size = REAL_VOCAB_SIZE if p["real_vocab"] else len(tokenizer)
     config = Qwen2AudioConfig(
         audio_config=dict(
-            model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=p["enc_width"],
-            encoder_layers=layers or p["enc_layers"], encoder_attention_heads=p["enc_heads"],
-            encoder_ffn_dim=p["enc_ffn"], max_source_positions=1500, initializer_range=p["init_std"],
+            model_type="qwen2_audio_encoder",
+            num_mel_bins=128,
+            d_model=p["enc_width"],
+            encoder_layers=layers or p["enc_layers"],
+            encoder_attention_heads=p["enc_heads"],
+            encoder_ffn_dim=p["enc_ffn"],
+            max_source_positions=1500,
+            initializer_range=p["init_std"],
         ),
         text_config=dict(
-            model_type="qwen2", vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
-            num_hidden_layers=layers or p["layers"], num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"], max_position_embeddings=8192, rope_theta=10000.0,
-            rms_norm_eps=1e-5, use_sliding_window=False, tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], initializer_range=p["init_std"],
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=p["hidden"],
+            intermediate_size=p["intermediate"],
+            num_hidden_layers=layers or p["layers"],
+            num_attention_heads=p["heads"],
+            num_key_value_heads=p["kv_heads"],
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            initializer_range=p["init_std"],
         ),
         audio_token_index=ids["<|AUDIO|>"],
     )
@@ -127,13 +185,28 @@ def build_config(preset: str, tokenizer: Qwen2Tokenizer, layers: int | None = No
 def generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
     """Like the hub checkpoint's generation_config.json."""
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    return GenerationConfig(do_sample=True, top_k=20, top_p=0.5, temperature=0.7, repetition_penalty=1.1,
-                            eos_token_id=eos, pad_token_id=eos[0], chat_format="chatml")
+    return GenerationConfig(
+        do_sample=True,
+        top_k=20,
+        top_p=0.5,
+        temperature=0.7,
+        repetition_penalty=1.1,
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+        chat_format="chatml",
+    )
 
 
 def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen2AudioProcessor:
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400,
-                                       chunk_length=30, padding_value=0.0, return_attention_mask=True)
+    features = WhisperFeatureExtractor(
+        feature_size=128,
+        sampling_rate=16000,
+        hop_length=160,
+        n_fft=400,
+        chunk_length=30,
+        padding_value=0.0,
+        return_attention_mask=True,
+    )
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 

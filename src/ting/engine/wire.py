@@ -88,14 +88,35 @@ def _decode_features(layout: list[Any], buffer: Buffer) -> dict[str, np.ndarray]
 
 
 def _encode_sampling(s: Sampling) -> list[Any]:
-    return [s.max_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
-            s.frequency_penalty, s.seed, list(s.stop), sorted(s.stop_token_ids), s.ignore_eos]
+    return [
+        s.max_tokens,
+        s.temperature,
+        s.top_p,
+        s.top_k,
+        s.repetition_penalty,
+        s.presence_penalty,
+        s.frequency_penalty,
+        s.seed,
+        list(s.stop),
+        sorted(s.stop_token_ids),
+        s.ignore_eos,
+    ]
 
 
 def _decode_sampling(v: list[Any]) -> Sampling:
-    return Sampling(max_tokens=v[0], temperature=v[1], top_p=v[2], top_k=v[3], repetition_penalty=v[4],
-                    presence_penalty=v[5], frequency_penalty=v[6], seed=v[7], stop=tuple(v[8]),
-                    stop_token_ids=frozenset(v[9]), ignore_eos=v[10])
+    return Sampling(
+        max_tokens=v[0],
+        temperature=v[1],
+        top_p=v[2],
+        top_k=v[3],
+        repetition_penalty=v[4],
+        presence_penalty=v[5],
+        frequency_penalty=v[6],
+        seed=v[7],
+        stop=tuple(v[8]),
+        stop_token_ids=frozenset(v[9]),
+        ignore_eos=v[10],
+    )
 
 
 # --- results: engine -> server -------------------------------------------------------------------------------
@@ -127,8 +148,12 @@ def encode_chunk(seq_id: int, c: GenerationChunk) -> list[Any]:
 
 def decode_chunk(v: list[Any]) -> tuple[int, GenerationChunk]:
     seq_id, token_ids, text, finish, input_tokens, audio_tokens, output_tokens = v
-    return seq_id, GenerationChunk(text=text, token_ids=tuple(token_ids), finish_reason=finish,
-                                   usage=Usage(input_tokens, audio_tokens, output_tokens))
+    return seq_id, GenerationChunk(
+        text=text,
+        token_ids=tuple(token_ids),
+        finish_reason=finish,
+        usage=Usage(input_tokens, audio_tokens, output_tokens),
+    )
 
 
 def encode_error(seq_id: int, exc: BaseException) -> list[Any]:

@@ -14,6 +14,21 @@ from ting.service.transcription import (
     transcription_call,
 )
 
-__all__ = ["Call", "ChatService", "ClientGone", "Generation", "Lifecycle", "ModelLimits", "Models", "Report",
-           "Segment", "Ticket", "Transcript", "TranscriptionService", "clean_transcript", "join_windows", "outcome_of",
-           "transcription_call"]
+__all__ = [
+    "Call",
+    "ChatService",
+    "ClientGone",
+    "Generation",
+    "Lifecycle",
+    "ModelLimits",
+    "Models",
+    "Report",
+    "Segment",
+    "Ticket",
+    "Transcript",
+    "TranscriptionService",
+    "clean_transcript",
+    "join_windows",
+    "outcome_of",
+    "transcription_call",
+]

@@ -78,8 +78,9 @@ class Generation:
     stream closed early (the engine request is aborted then).
     """
 
-    def __init__(self, ticket: Ticket, stream: AsyncGenerator[GenerationChunk], first: GenerationChunk,
-                 billed_audio_tokens: int) -> None:
+    def __init__(
+        self, ticket: Ticket, stream: AsyncGenerator[GenerationChunk], first: GenerationChunk, billed_audio_tokens: int
+    ) -> None:
         self.ticket = ticket
         self.request_id = ticket.request_id
         self._stream = stream
@@ -130,14 +131,22 @@ class Generation:
     async def __aenter__(self) -> Generation:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close(exc)
 
 
 class ChatService:
-    def __init__(self, lifecycle: Lifecycle, engine: EngineClient, audio: AudioLoader, models: Models, *,
-                 max_audio_items: int = 8) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        engine: EngineClient,
+        audio: AudioLoader,
+        models: Models,
+        *,
+        max_audio_items: int = 8,
+    ) -> None:
         self.lifecycle, self.engine, self.audio, self.models = lifecycle, engine, audio, models
         self.max_audio_items = max_audio_items
 
@@ -181,8 +190,10 @@ class ChatService:
             raise InvalidParameter(f"Too many audio items: at most {self.max_audio_items} per request.")
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels the other downloads
-                tasks = [group.create_task(self.audio.load(p.source, owner=who.owner, oss_resolve=call.oss_resolve))
-                         for p in parts]
+                tasks = [
+                    group.create_task(self.audio.load(p.source, owner=who.owner, oss_resolve=call.oss_resolve))
+                    for p in parts
+                ]
         except BaseExceptionGroup as failed:
             raise first_error(failed) from None
         return [t.result() for t in tasks]
@@ -196,8 +207,10 @@ MAX_CHARS_PER_TOKEN = 16
 
 
 def refuse_what_cannot_fit(request: ChatRequest, limits: ModelLimits) -> None:
-    if (request.text_chars > MAX_CHARS_PER_TOKEN * limits.max_input_tokens
-            or MIN_TOKENS_PER_MESSAGE * len(request.messages) > limits.max_input_tokens):
+    if (
+        request.text_chars > MAX_CHARS_PER_TOKEN * limits.max_input_tokens
+        or MIN_TOKENS_PER_MESSAGE * len(request.messages) > limits.max_input_tokens
+    ):
         raise InputTooLong(f"Range of input length should be [1, {limits.max_input_tokens}]")
 
 

@@ -102,16 +102,16 @@ class Ticket:
             return
         self.settled = True
         status, code = outcome_of(exc)
-        outcome = Outcome(status, self.usage, self.audio_seconds, code,
-                          int((time.monotonic() - self.started) * 1000))
+        outcome = Outcome(status, self.usage, self.audio_seconds, code, int((time.monotonic() - self.started) * 1000))
         with anyio.CancelScope(shield=True):
             await self.lifecycle.settle(self, outcome)
 
     async def __aenter__(self) -> Ticket:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.settle(exc)
 
 
@@ -161,8 +161,12 @@ class Lifecycle:
     async def _admit(self, call: Call, task: str | None) -> Principal:
         who = await self.store.keys.authenticate(call.token)
         report = call.report
-        report.protocol, report.model, report.key, report.task = call.protocol, call.request.model, \
-            who.key_id or who.name, task
+        report.protocol, report.model, report.key, report.task = (
+            call.protocol,
+            call.request.model,
+            who.key_id or who.name,
+            task,
+        )
         try:
             await self.store.quota.admit(who, call.request_id, model=call.request.model, protocol=call.protocol)
         except TingError as exc:

@@ -42,9 +42,24 @@ SEARCH_SAMPLES = 5 * SAMPLE_RATE  # where to look for a quiet place to cut, befo
 FRAME_SAMPLES = 320  # 20 ms energy frames
 
 LANGUAGES = {
-    "en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "it": "Italian", "es": "Spanish",
-    "de": "German", "ja": "Japanese", "ko": "Korean", "ru": "Russian", "pt": "Portuguese", "ar": "Arabic",
-    "nl": "Dutch", "tr": "Turkish", "vi": "Vietnamese", "th": "Thai", "id": "Indonesian", "hi": "Hindi",
+    "en": "English",
+    "zh": "Chinese",
+    "yue": "Cantonese",
+    "fr": "French",
+    "it": "Italian",
+    "es": "Spanish",
+    "de": "German",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "ru": "Russian",
+    "pt": "Portuguese",
+    "ar": "Arabic",
+    "nl": "Dutch",
+    "tr": "Turkish",
+    "vi": "Vietnamese",
+    "th": "Thai",
+    "id": "Indonesian",
+    "hi": "Hindi",
 }
 
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」", "『": "』", "《": "》"}
@@ -75,7 +90,7 @@ def clean_transcript(text: str) -> str:
     out = text.strip()
     match = _PREAMBLE.match(out)
     if match and match.end() < len(out):
-        out = out[match.end():].strip()
+        out = out[match.end() :].strip()
     for _ in range(2):  # 'Hello.' and "'Hello'." both lose their quotes
         if len(out) >= 2 and out[0] in _QUOTES:
             closing = _QUOTES[out[0]]
@@ -122,11 +137,15 @@ def windows(samples: np.ndarray) -> list[tuple[int, int]]:
 def instruction(task: str, language: str | None, prompt: str | None, target: str) -> str:
     spoken = f" (spoken in {LANGUAGES.get(language, language)})" if language else ""
     if task == "translate":
-        text = (f"Translate the speech in this audio{spoken} into {LANGUAGES.get(target, target)}. "
-                f"Reply with the translation only: no introduction, no explanation, no quotation marks.")
+        text = (
+            f"Translate the speech in this audio{spoken} into {LANGUAGES.get(target, target)}. "
+            f"Reply with the translation only: no introduction, no explanation, no quotation marks."
+        )
     else:
-        text = (f"Transcribe the speech in this audio{spoken} exactly as it is spoken. "
-                f"Reply with the transcript only: no introduction, no explanation, no quotation marks.")
+        text = (
+            f"Transcribe the speech in this audio{spoken} exactly as it is spoken. "
+            f"Reply with the transcript only: no introduction, no explanation, no quotation marks."
+        )
     if prompt:
         text += f"\nContext that may help with names and spelling: {prompt.strip()[:1000]}"
     return text
@@ -147,14 +166,25 @@ def _cjk(ch: str) -> bool:
 
 
 class TranscriptionService:
-    def __init__(self, lifecycle: Lifecycle, engine: EngineClient, audio: AudioLoader, models: Models, *,
-                 max_seconds: float) -> None:
+    def __init__(
+        self, lifecycle: Lifecycle, engine: EngineClient, audio: AudioLoader, models: Models, *, max_seconds: float
+    ) -> None:
         self.lifecycle, self.engine, self.audio, self.models = lifecycle, engine, audio, models
         self.max_seconds = max_seconds
 
-    async def run(self, data: bytes, call: Call, *, task: str = "transcribe", language: str | None = None,
-                  prompt: str | None = None, temperature: float | None = None, target: str = "en",
-                  detect_language: bool = False, on_text: Callable[[int, str], None] | None = None) -> Transcript:
+    async def run(
+        self,
+        data: bytes,
+        call: Call,
+        *,
+        task: str = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        target: str = "en",
+        detect_language: bool = False,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> Transcript:
         """Transcribe (or translate) a whole recording: one request, one ledger row.
 
         The windows run together; if one fails (the engine's queue is full, say) the others are cancelled, and
@@ -171,22 +201,29 @@ class TranscriptionService:
             ticket.audio_seconds = clip.seconds
             spans = windows(clip.samples)
             text = instruction(task, language and language.lower(), prompt, target)
-            parts = [AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec)
-                     for a, b in spans]
-            asks: list[tuple[Message, ...]] = [(Message("user", (AudioPart("upload", p), TextPart(text))),)
-                                               for p in parts]
+            parts = [
+                AudioClip(clip.samples[a:b], (b - a) / SAMPLE_RATE, False, clip.container, clip.codec) for a, b in spans
+            ]
+            asks: list[tuple[Message, ...]] = [
+                (Message("user", (AudioPart("upload", p), TextPart(text))),) for p in parts
+            ]
             asking = detect_language and language is None
             clips = [*parts, parts[0]] if asking else parts
             if asking:
                 asks.append(question(parts[0]))  # one more prompt: its answer is the last result
             prompts = await asyncio.gather(*(self.engine.prepare(m) for m in asks))
-            params = SamplingParams(temperature=0.0 if temperature is None else temperature,
-                                    max_tokens=limits.max_output_tokens, repetition_penalty=1.05)
-            samplings = [self.engine.resolve(ANSWER_SAMPLING if i == len(parts) else params, pr)
-                         for i, pr in enumerate(prompts)]
+            params = SamplingParams(
+                temperature=0.0 if temperature is None else temperature,
+                max_tokens=limits.max_output_tokens,
+                repetition_penalty=1.05,
+            )
+            samplings = [
+                self.engine.resolve(ANSWER_SAMPLING if i == len(parts) else params, pr) for i, pr in enumerate(prompts)
+            ]
             billed = [billed_audio_tokens(len(c.samples)) for c in clips]
-            await ticket.reserve(sum(pr.text_tokens + b + s.max_tokens
-                                     for pr, b, s in zip(prompts, billed, samplings, strict=True)))
+            await ticket.reserve(
+                sum(pr.text_tokens + b + s.max_tokens for pr, b, s in zip(prompts, billed, samplings, strict=True))
+            )
             words: dict[int, str] = {}
 
             def window_done(i: int, answer: str) -> None:
@@ -199,11 +236,23 @@ class TranscriptionService:
             segments = tuple(Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, words[i]) for i, (a, b) in enumerate(spans))
             if asking:
                 language = language_from_answer(answers[-1])
-        return Transcript(task=task, text=join_windows([s.text for s in segments]), segments=segments,
-                          language=language, duration_s=round(clip.seconds, 3), usage=ticket.usage)
+        return Transcript(
+            task=task,
+            text=join_windows([s.text for s in segments]),
+            segments=segments,
+            language=language,
+            duration_s=round(clip.seconds, 3),
+            usage=ticket.usage,
+        )
 
-    async def _generate(self, ticket: Ticket, prompts: list[Prompt], samplings: list[Sampling], billed: list[int],
-                        done: Callable[[int, str], None]) -> list[str]:
+    async def _generate(
+        self,
+        ticket: Ticket,
+        prompts: list[Prompt],
+        samplings: list[Sampling],
+        billed: list[int],
+        done: Callable[[int, str], None],
+    ) -> list[str]:
         """Every prompt's answer (`done(i, answer)` as each ends); `ticket.usage` counts the prompts that ran, as
         they run."""
         ran = [False] * len(prompts)
@@ -212,9 +261,11 @@ class TranscriptionService:
 
         def count(i: int, chunk: GenerationChunk) -> None:
             ran[i], output_tokens[i] = True, chunk.usage.output_tokens
-            ticket.usage = Usage(input_tokens=sum(p.text_tokens for p, r in zip(prompts, ran, strict=True) if r),
-                                 audio_tokens=sum(b for b, r in zip(billed, ran, strict=True) if r),
-                                 output_tokens=sum(output_tokens))
+            ticket.usage = Usage(
+                input_tokens=sum(p.text_tokens for p, r in zip(prompts, ran, strict=True) if r),
+                audio_tokens=sum(b for b, r in zip(billed, ran, strict=True) if r),
+                output_tokens=sum(output_tokens),
+            )
 
         async def one(i: int) -> None:
             out = []
@@ -233,7 +284,8 @@ class TranscriptionService:
         return answers
 
 
-def transcription_call(model: str, protocol: str, token: str | None, request_id: str,
-                       report: Report | None = None) -> Call:
+def transcription_call(
+    model: str, protocol: str, token: str | None, request_id: str, report: Report | None = None
+) -> Call:
     """A Call for a transcription: its ChatRequest only names the model (the audio comes as bytes)."""
     return Call(ChatRequest(model=model, messages=()), protocol, token, request_id, report=report or Report())

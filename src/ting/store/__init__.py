@@ -17,8 +17,19 @@ from ting.store.keys import KeyInfo, Keys, Principal
 from ting.store.ledger import Ledger, UsageSummary
 from ting.store.quota import HEARTBEAT_S, Outcome, Quota
 
-__all__ = ["HEARTBEAT_S", "Database", "FileStore", "KeyInfo", "Keys", "Ledger", "Outcome", "Principal", "Quota",
-           "Store", "UsageSummary"]
+__all__ = [
+    "HEARTBEAT_S",
+    "Database",
+    "FileStore",
+    "KeyInfo",
+    "Keys",
+    "Ledger",
+    "Outcome",
+    "Principal",
+    "Quota",
+    "Store",
+    "UsageSummary",
+]
 
 log = logging.getLogger("ting.store")
 
@@ -28,8 +39,15 @@ class DatabaseBusy(RuntimeError):
 
 
 class Store:
-    def __init__(self, url: str, *, home: Path, static_keys: tuple[str, ...] = (), upload_ttl_s: float = 48 * 3600,
-                 instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        home: Path,
+        static_keys: tuple[str, ...] = (),
+        upload_ttl_s: float = 48 * 3600,
+        instance_id: str | None = None,
+    ) -> None:
         self.home = home
         self.db = Database(url)
         self.instance_id = instance_id or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -63,8 +81,10 @@ class Store:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise DatabaseBusy(f"Another Ting server is using {path}. Run one server per SQLite database, or share a "
-                               f"PostgreSQL database between replicas (--database postgresql://...).") from None
+            raise DatabaseBusy(
+                f"Another Ting server is using {path}. Run one server per SQLite database, or share a "
+                f"PostgreSQL database between replicas (--database postgresql://...)."
+            ) from None
         self._lock = handle
 
     async def secret(self, name: str) -> bytes:
@@ -72,8 +92,9 @@ class Store:
         rows = await self.db.read(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
         if not rows:
             async with self.db.write() as conn:
-                if not (await conn.execute(sa.select(server_secrets.c.value)
-                                           .where(server_secrets.c.name == name))).first():
+                if not (
+                    await conn.execute(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
+                ).first():
                     await conn.execute(server_secrets.insert().values(name=name, value=secrets.token_hex(32)))
             rows = await self.db.read(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
         return bytes.fromhex(rows[0][0])

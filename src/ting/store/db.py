@@ -29,7 +29,8 @@ metadata = sa.MetaData()
 MODEL_COLUMN_CHARS = 100
 
 api_keys = sa.Table(
-    "api_keys", metadata,
+    "api_keys",
+    metadata,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False, server_default=""),
     sa.Column("prefix", sa.String(24), nullable=False),  # shown in listings: "sk-ting-Ab12"
@@ -43,13 +44,15 @@ api_keys = sa.Table(
     sa.Column("rpm", sa.Integer),  # requests per minute; NULL: unlimited
     sa.Column("max_concurrency", sa.Integer),  # requests in flight; NULL: unlimited
     sa.CheckConstraint("spent_tokens >= 0 AND reserved_tokens >= 0", name="ck_balance_non_negative"),
-    sa.CheckConstraint("quota_tokens IS NULL OR spent_tokens + reserved_tokens <= quota_tokens",
-                       name="ck_within_quota"),
+    sa.CheckConstraint(
+        "quota_tokens IS NULL OR spent_tokens + reserved_tokens <= quota_tokens", name="ck_within_quota"
+    ),
 )
 
 # One row per request in flight: written when it is admitted, deleted when it is settled.
 reservations = sa.Table(
-    "reservations", metadata,
+    "reservations",
+    metadata,
     sa.Column("request_id", sa.String(64), primary_key=True),
     sa.Column("key_id", sa.String(40), index=True),  # NULL for static keys and open servers
     sa.Column("tokens", sa.BigInteger, nullable=False, server_default="0"),
@@ -61,7 +64,8 @@ reservations = sa.Table(
 
 # One row per request, written exactly once.
 ledger = sa.Table(
-    "ledger", metadata,
+    "ledger",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("request_id", sa.String(64), nullable=False, unique=True),
     sa.Column("key_id", sa.String(40), index=True),
@@ -79,21 +83,24 @@ ledger = sa.Table(
 )
 
 rate_windows = sa.Table(
-    "rate_windows", metadata,
+    "rate_windows",
+    metadata,
     sa.Column("key_id", sa.String(40), primary_key=True),
     sa.Column("window_start", sa.BigInteger, primary_key=True),  # epoch minute
     sa.Column("requests", sa.Integer, nullable=False),
 )
 
 instances = sa.Table(
-    "instances", metadata,
+    "instances",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
 )
 
 uploads = sa.Table(
-    "uploads", metadata,
+    "uploads",
+    metadata,
     sa.Column("object_key", sa.String(1024), primary_key=True),
     sa.Column("owner", sa.String(80), nullable=False),
     sa.Column("model", sa.String(100), nullable=False, server_default=""),
@@ -104,27 +111,28 @@ uploads = sa.Table(
 )
 
 server_secrets = sa.Table(
-    "server_secrets", metadata,
+    "server_secrets",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(200), nullable=False),
 )
 
 schema_migrations = sa.Table(
-    "schema_migrations", metadata,
+    "schema_migrations",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("applied_at", sa.Float, nullable=False),
 )
 
 
-
 def async_url(url: str) -> str:
     """Pick the async driver: sqlite -> aiosqlite, postgresql -> asyncpg."""
     if url.startswith("sqlite:"):
-        return "sqlite+aiosqlite:" + url[len("sqlite:"):]
+        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
 
 
@@ -158,8 +166,9 @@ class Database:
             for version, name, migration in MIGRATIONS:
                 if version not in done:
                     await migration(conn)
-                    await conn.execute(schema_migrations.insert().values(version=version, name=name,
-                                                                         applied_at=time.time()))
+                    await conn.execute(
+                        schema_migrations.insert().values(version=version, name=name, applied_at=time.time())
+                    )
                     applied.append(name)
         return applied
 

@@ -70,9 +70,19 @@ class Principal:
 
 
 def _info(row: sa.Row[Any]) -> KeyInfo:
-    return KeyInfo(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, expires_at=row.expires_at,
-                   revoked_at=row.revoked_at, quota_tokens=row.quota_tokens, spent_tokens=row.spent_tokens,
-                   reserved_tokens=row.reserved_tokens, rpm=row.rpm, max_concurrency=row.max_concurrency)
+    return KeyInfo(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        quota_tokens=row.quota_tokens,
+        spent_tokens=row.spent_tokens,
+        reserved_tokens=row.reserved_tokens,
+        rpm=row.rpm,
+        max_concurrency=row.max_concurrency,
+    )
 
 
 class Keys:
@@ -94,9 +104,18 @@ class Keys:
         now = time.time() if now is None else now
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         values = dict(
-            id="key_" + secrets.token_hex(8), name=name, prefix=key[:DISPLAY_CHARS], key_hash=hash_key(key),
-            created_at=now, expires_at=now + expires_days * 86400 if expires_days else None, revoked_at=None,
-            quota_tokens=quota_tokens, spent_tokens=0, reserved_tokens=0, rpm=rpm, max_concurrency=max_concurrency,
+            id="key_" + secrets.token_hex(8),
+            name=name,
+            prefix=key[:DISPLAY_CHARS],
+            key_hash=hash_key(key),
+            created_at=now,
+            expires_at=now + expires_days * 86400 if expires_days else None,
+            revoked_at=None,
+            quota_tokens=quota_tokens,
+            spent_tokens=0,
+            reserved_tokens=0,
+            rpm=rpm,
+            max_concurrency=max_concurrency,
         )
         async with self.db.write() as conn:
             await conn.execute(api_keys.insert().values(**values))
@@ -108,8 +127,11 @@ class Keys:
 
     async def find(self, id_or_prefix: str) -> KeyInfo:
         """A key by its id or (unambiguous) display prefix."""
-        rows = await self.db.read(sa.select(api_keys).where(
-            sa.or_(api_keys.c.id == id_or_prefix, api_keys.c.prefix.startswith(id_or_prefix, autoescape=True))))
+        rows = await self.db.read(
+            sa.select(api_keys).where(
+                sa.or_(api_keys.c.id == id_or_prefix, api_keys.c.prefix.startswith(id_or_prefix, autoescape=True))
+            )
+        )
         if len(rows) != 1:
             raise NotFound(f"No single key matches {id_or_prefix!r}." if rows else f"No key {id_or_prefix!r}.")
         return _info(rows[0])
@@ -117,8 +139,11 @@ class Keys:
     async def revoke(self, id_or_prefix: str, now: float | None = None) -> KeyInfo:
         key = await self.find(id_or_prefix)
         async with self.db.write() as conn:
-            await conn.execute(api_keys.update().where(api_keys.c.id == key.id, api_keys.c.revoked_at.is_(None))
-                               .values(revoked_at=time.time() if now is None else now))
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key.id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time() if now is None else now)
+            )
         return await self.find(key.id)
 
     async def open(self) -> bool:
@@ -151,8 +176,9 @@ class Keys:
                     raise AuthError()  # indistinguishable from a key that never existed
                 if state == "expired":
                     raise AccessDenied("The API key has expired.")
-                return Principal(key_id=key.id, name=key.name, owner=key.id, rpm=key.rpm,
-                                 max_concurrency=key.max_concurrency)
+                return Principal(
+                    key_id=key.id, name=key.name, owner=key.id, rpm=key.rpm, max_concurrency=key.max_concurrency
+                )
         if self._static or await self.db.read(sa.select(api_keys.c.id).limit(1)):
             raise AuthError()
         # An open server (no key configured anywhere): anyone may call; uploads are bound to their token.

@@ -18,7 +18,8 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
     """Keys, reservations, the ledger, rate windows, instances, uploads and server secrets (Ting 0.1)."""
     schema = sa.MetaData()
     sa.Table(
-        "api_keys", schema,
+        "api_keys",
+        schema,
         sa.Column("id", sa.String(40), primary_key=True),
         sa.Column("name", sa.String(200), nullable=False, server_default=""),
         sa.Column("prefix", sa.String(24), nullable=False),  # shown in listings: "sk-ting-Ab12"
@@ -32,13 +33,15 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
         sa.Column("rpm", sa.Integer),  # requests per minute; NULL: unlimited
         sa.Column("max_concurrency", sa.Integer),  # requests in flight; NULL: unlimited
         sa.CheckConstraint("spent_tokens >= 0 AND reserved_tokens >= 0", name="ck_balance_non_negative"),
-        sa.CheckConstraint("quota_tokens IS NULL OR spent_tokens + reserved_tokens <= quota_tokens",
-                           name="ck_within_quota"),
+        sa.CheckConstraint(
+            "quota_tokens IS NULL OR spent_tokens + reserved_tokens <= quota_tokens", name="ck_within_quota"
+        ),
     )
 
     # One row per request in flight: written when it is admitted, deleted when it is settled.
     sa.Table(
-        "reservations", schema,
+        "reservations",
+        schema,
         sa.Column("request_id", sa.String(64), primary_key=True),
         sa.Column("key_id", sa.String(40), index=True),  # NULL for static keys and open servers
         sa.Column("tokens", sa.BigInteger, nullable=False, server_default="0"),
@@ -50,7 +53,8 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
 
     # One row per request, written exactly once.
     sa.Table(
-        "ledger", schema,
+        "ledger",
+        schema,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("request_id", sa.String(64), nullable=False, unique=True),
         sa.Column("key_id", sa.String(40), index=True),
@@ -68,21 +72,24 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
     )
 
     sa.Table(
-        "rate_windows", schema,
+        "rate_windows",
+        schema,
         sa.Column("key_id", sa.String(40), primary_key=True),
         sa.Column("window_start", sa.BigInteger, primary_key=True),  # epoch minute
         sa.Column("requests", sa.Integer, nullable=False),
     )
 
     sa.Table(
-        "instances", schema,
+        "instances",
+        schema,
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("started_at", sa.Float, nullable=False),
         sa.Column("heartbeat_at", sa.Float, nullable=False),
     )
 
     sa.Table(
-        "uploads", schema,
+        "uploads",
+        schema,
         sa.Column("object_key", sa.String(1024), primary_key=True),
         sa.Column("owner", sa.String(80), nullable=False),
         sa.Column("model", sa.String(100), nullable=False, server_default=""),
@@ -93,7 +100,8 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
     )
 
     sa.Table(
-        "server_secrets", schema,
+        "server_secrets",
+        schema,
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("value", sa.String(200), nullable=False),
     )

@@ -76,8 +76,9 @@ class Quota:
             raise AuthError()
         return row
 
-    async def admit(self, who: Principal, request_id: str, *, model: str, protocol: str,
-                    now: float | None = None) -> None:
+    async def admit(
+        self, who: Principal, request_id: str, *, model: str, protocol: str, now: float | None = None
+    ) -> None:
         """Start a request, or raise (after writing its ledger row) when a limit refuses it."""
         now = time.time() if now is None else now
         model = bounded(model, MODEL_COLUMN_CHARS)
@@ -86,13 +87,29 @@ class Quota:
             if who.key_id is not None:
                 refusal = await self._check_limits(conn, who.key_id, now)
             if refusal is None:
-                await conn.execute(reservations.insert().values(
-                    request_id=request_id, key_id=who.key_id, tokens=0, model=model, protocol=protocol,
-                    instance_id=self.instance_id, created_at=now))
+                await conn.execute(
+                    reservations.insert().values(
+                        request_id=request_id,
+                        key_id=who.key_id,
+                        tokens=0,
+                        model=model,
+                        protocol=protocol,
+                        instance_id=self.instance_id,
+                        created_at=now,
+                    )
+                )
             else:
-                await conn.execute(ledger.insert().values(
-                    request_id=request_id, key_id=who.key_id, model=model, protocol=protocol, status="refused",
-                    error_code=refusal.code, created_at=now))
+                await conn.execute(
+                    ledger.insert().values(
+                        request_id=request_id,
+                        key_id=who.key_id,
+                        model=model,
+                        protocol=protocol,
+                        status="refused",
+                        error_code=refusal.code,
+                        created_at=now,
+                    )
+                )
         if refusal is not None:
             raise refusal
 
@@ -105,8 +122,11 @@ class Quota:
         if key.quota_tokens is not None and key.spent_tokens + key.reserved_tokens >= key.quota_tokens:
             return QuotaExhausted()
         if key.max_concurrency is not None:
-            in_flight = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)
-                                            .where(reservations.c.key_id == key_id))).scalar_one()
+            in_flight = (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(reservations).where(reservations.c.key_id == key_id)
+                )
+            ).scalar_one()
             if in_flight >= key.max_concurrency:
                 return ConcurrencyLimited()
         if key.rpm is not None:
@@ -122,44 +142,73 @@ class Quota:
         """
         window = int(now // WINDOW_S)
         elapsed = (now - window * WINDOW_S) / WINDOW_S  # of the current minute, in [0, 1)
-        counts = dict((await conn.execute(sa.select(rate_windows.c.window_start, rate_windows.c.requests).where(
-            rate_windows.c.key_id == key_id, rate_windows.c.window_start >= window - 1))).all())
+        counts = dict(
+            (
+                await conn.execute(
+                    sa.select(rate_windows.c.window_start, rate_windows.c.requests).where(
+                        rate_windows.c.key_id == key_id, rate_windows.c.window_start >= window - 1
+                    )
+                )
+            ).all()
+        )
         allowed = _allowed(rpm, counts.get(window - 1, 0), elapsed)
         if counts.get(window, 0) < allowed:
             if window not in counts:
                 await conn.execute(rate_windows.insert().values(key_id=key_id, window_start=window, requests=1))
-                await conn.execute(rate_windows.delete().where(rate_windows.c.key_id == key_id,
-                                                               rate_windows.c.window_start < window - 1))
+                await conn.execute(
+                    rate_windows.delete().where(
+                        rate_windows.c.key_id == key_id, rate_windows.c.window_start < window - 1
+                    )
+                )
                 return None
-            counted = await conn.execute(rate_windows.update().where(  # atomic: a concurrent count may have won
-                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window,
-                rate_windows.c.requests < allowed).values(requests=rate_windows.c.requests + 1))
+            counted = await conn.execute(
+                rate_windows.update()
+                .where(  # atomic: a concurrent count may have won
+                    rate_windows.c.key_id == key_id,
+                    rate_windows.c.window_start == window,
+                    rate_windows.c.requests < allowed,
+                )
+                .values(requests=rate_windows.c.requests + 1)
+            )
             if counted.rowcount == 1:
                 return None
-            counts[window] = (await conn.execute(sa.select(rate_windows.c.requests).where(
-                rate_windows.c.key_id == key_id, rate_windows.c.window_start == window))).scalar_one()
+            counts[window] = (
+                await conn.execute(
+                    sa.select(rate_windows.c.requests).where(
+                        rate_windows.c.key_id == key_id, rate_windows.c.window_start == window
+                    )
+                )
+            ).scalar_one()
         return RateLimited(retry_after_s=_seconds_until_one_fits(rpm, counts, now))
 
     async def reserve(self, who: Principal, request_id: str, tokens: int) -> None:
         """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted."""
         async with self.db.write() as conn:
             if who.key_id is not None:
-                granted = await conn.execute(api_keys.update().where(
-                    api_keys.c.id == who.key_id,
-                    sa.or_(api_keys.c.quota_tokens.is_(None),
-                           api_keys.c.quota_tokens - api_keys.c.spent_tokens - api_keys.c.reserved_tokens >= tokens),
-                ).values(reserved_tokens=api_keys.c.reserved_tokens + tokens))
+                granted = await conn.execute(
+                    api_keys.update()
+                    .where(
+                        api_keys.c.id == who.key_id,
+                        sa.or_(
+                            api_keys.c.quota_tokens.is_(None),
+                            api_keys.c.quota_tokens - api_keys.c.spent_tokens - api_keys.c.reserved_tokens >= tokens,
+                        ),
+                    )
+                    .values(reserved_tokens=api_keys.c.reserved_tokens + tokens)
+                )
                 if granted.rowcount == 0:
-                    await self._settle(conn, request_id, Outcome("refused", error_code=QuotaExhausted.code),
-                                       time.time())
+                    await self._settle(
+                        conn, request_id, Outcome("refused", error_code=QuotaExhausted.code), time.time()
+                    )
                     refused = True
                 else:
                     refused = False
             else:
                 refused = False
             if not refused:
-                await conn.execute(reservations.update().where(reservations.c.request_id == request_id)
-                                   .values(tokens=tokens))
+                await conn.execute(
+                    reservations.update().where(reservations.c.request_id == request_id).values(tokens=tokens)
+                )
         if refused:
             raise QuotaExhausted()
 
@@ -180,15 +229,32 @@ class Quota:
             return False
         charged = min(outcome.usage.total_tokens, held.tokens)  # what ran (nothing, for what was refused before)
         if held.key_id is not None:
-            await conn.execute(api_keys.update().where(api_keys.c.id == held.key_id).values(
-                spent_tokens=api_keys.c.spent_tokens + charged,
-                reserved_tokens=api_keys.c.reserved_tokens - held.tokens))
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == held.key_id)
+                .values(
+                    spent_tokens=api_keys.c.spent_tokens + charged,
+                    reserved_tokens=api_keys.c.reserved_tokens - held.tokens,
+                )
+            )
         u = outcome.usage
-        await conn.execute(ledger.insert().values(
-            request_id=request_id, key_id=held.key_id, model=held.model, protocol=held.protocol,
-            status=outcome.status, error_code=outcome.error_code, audio_seconds=round(outcome.audio_seconds, 3),
-            audio_tokens=u.audio_tokens, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-            charged_tokens=charged, latency_ms=outcome.latency_ms, created_at=now))
+        await conn.execute(
+            ledger.insert().values(
+                request_id=request_id,
+                key_id=held.key_id,
+                model=held.model,
+                protocol=held.protocol,
+                status=outcome.status,
+                error_code=outcome.error_code,
+                audio_seconds=round(outcome.audio_seconds, 3),
+                audio_tokens=u.audio_tokens,
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                charged_tokens=charged,
+                latency_ms=outcome.latency_ms,
+                created_at=now,
+            )
+        )
         return True
 
     # --- liveness and crash recovery ------------------------------------------------------------------------
@@ -196,8 +262,9 @@ class Quota:
     async def heartbeat(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         async with self.db.write() as conn:
-            updated = await conn.execute(instances.update().where(instances.c.id == self.instance_id)
-                                         .values(heartbeat_at=now))
+            updated = await conn.execute(
+                instances.update().where(instances.c.id == self.instance_id).values(heartbeat_at=now)
+            )
             if updated.rowcount == 0:
                 await conn.execute(instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now))
 
@@ -210,8 +277,9 @@ class Quota:
         """
         now = time.time() if now is None else now
         async with self.db.write() as conn:
-            alive = sa.select(instances.c.id).where(instances.c.heartbeat_at >= now - STALE_S,
-                                                    instances.c.id != self.instance_id)
+            alive = sa.select(instances.c.id).where(
+                instances.c.heartbeat_at >= now - STALE_S, instances.c.id != self.instance_id
+            )
             if everyone_else:
                 query = sa.select(reservations.c.request_id)
                 if not starting:

@@ -62,8 +62,10 @@ def _parts(role: str, content: Any, index: int) -> tuple[Part, ...]:
         elif item.text is not None:
             parts.append(TextPart(item.text))
         elif extra & {"image", "video"}:
-            raise InvalidParameter(f"input.messages.{index}.content.{j}: this model takes audio and text, "
-                                   f"not {sorted(extra & {'image', 'video'})[0]}.")
+            raise InvalidParameter(
+                f"input.messages.{index}.content.{j}: this model takes audio and text, "
+                f"not {sorted(extra & {'image', 'video'})[0]}."
+            )
         else:
             raise InvalidParameter(f"input.messages.{index}.content.{j} needs a text or an audio field.")
     return tuple(parts)
@@ -89,10 +91,15 @@ def sampling(p: GenerationParameters) -> SamplingParams:
     stop, stop_ids = _stop(p.stop)
     top_k = p.top_k if p.top_k is not None and p.top_k <= 100 else 0
     return SamplingParams(
-        max_tokens=max_tokens(p), temperature=p.temperature, top_p=p.top_p,
+        max_tokens=max_tokens(p),
+        temperature=p.temperature,
+        top_p=p.top_p,
         top_k=top_k if p.top_k is not None else None,
-        seed=p.seed, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty or 0.0,
-        stop=stop, stop_token_ids=stop_ids,
+        seed=p.seed,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty or 0.0,
+        stop=stop,
+        stop_token_ids=stop_ids,
     )
 
 
@@ -108,6 +115,8 @@ def _stop(stop: str | list[str] | list[int] | None) -> tuple[tuple[str, ...], tu
     if any(not 0 <= s <= TOKEN_ID_MAX for s in items):  # type: ignore[operator]
         raise InvalidParameter(f"Range of stop token ids should be [0, {TOKEN_ID_MAX}]")
     return (), tuple(items)  # type: ignore[arg-type]
+
+
 def max_tokens(p: GenerationParameters) -> int | None:
     """`max_tokens`, or the Java SDK's `max_length` (its `maxLength`) when only that is given; max_tokens wins."""
     return p.max_tokens if p.max_tokens is not None else p.max_length
@@ -116,11 +125,16 @@ def max_tokens(p: GenerationParameters) -> int | None:
 def response_body(text: str, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
     """The non-stream body, key order as the hosted API's own example (contract §2.5)."""
     return GenerationResponse(
-        output=Output(choices=[Choice(finish_reason=finish_reason or "stop",
-                                      message=OutputMessage(content=[TextContent(text=text)]))]),
-        usage=GenerationUsage(audio_tokens=usage.audio_tokens, output_tokens=usage.output_tokens,
-                              input_tokens=usage.input_tokens),
-        request_id=request_id).model_dump()
+        output=Output(
+            choices=[
+                Choice(finish_reason=finish_reason or "stop", message=OutputMessage(content=[TextContent(text=text)]))
+            ]
+        ),
+        usage=GenerationUsage(
+            audio_tokens=usage.audio_tokens, output_tokens=usage.output_tokens, input_tokens=usage.input_tokens
+        ),
+        request_id=request_id,
+    ).model_dump()
 
 
 def stream_body(text: str | None, finish_reason: FinishReason | None, usage: Usage, request_id: str) -> dict[str, Any]:
@@ -128,15 +142,19 @@ def stream_body(text: str | None, finish_reason: FinishReason | None, usage: Usa
     hosted API's last event of an incremental stream carries."""
     content = [] if text is None else [TextContent(text=text)]
     return StreamEvent(
-        output=StreamOutput(choices=[StreamChoice(message=OutputMessage(content=content),
-                                                  finish_reason=finish_reason or "null")]),
-        usage=StreamUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                          audio_tokens=usage.audio_tokens),
-        request_id=request_id).model_dump()
+        output=StreamOutput(
+            choices=[StreamChoice(message=OutputMessage(content=content), finish_reason=finish_reason or "null")]
+        ),
+        usage=StreamUsage(
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, audio_tokens=usage.audio_tokens
+        ),
+        request_id=request_id,
+    ).model_dump()
 
 
-def stream_frames(delta: str, whole: str, finish_reason: FinishReason | None, usage: Usage, request_id: str,
-                  incremental: bool) -> list[dict[str, Any]]:
+def stream_frames(
+    delta: str, whole: str, finish_reason: FinishReason | None, usage: Usage, request_id: str, incremental: bool
+) -> list[dict[str, Any]]:
     """The events one generated chunk makes. Incremental: its delta, and at the end a last event with
     `"content": []` and the finish reason (as the hosted API ends such a stream). Otherwise one event with the
     whole text so far, the last one carrying the finish reason."""

@@ -26,8 +26,13 @@ router = APIRouter(tags=["DashScope"])
 @router.post(
     GENERATION_PATH,
     response_model=GenerationResponse,
-    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
-               429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
     summary="Qwen-Audio multimodal generation (DashScope native)",
 )
 async def generation(request: Request, body: GenerationRequest) -> Response:
@@ -39,13 +44,21 @@ async def generation(request: Request, body: GenerationRequest) -> Response:
     runtime = runtime_of(request)
     streaming = request.headers.get("x-dashscope-sse", "").strip().lower() == "enable"
     resolve = request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable"
-    call = Call(chat, "dashscope", bearer(request), request.state.request_id,
-                oss_resolve=resolve or not runtime.settings.require_oss_resolve, report=request.state.report)
+    call = Call(
+        chat,
+        "dashscope",
+        bearer(request),
+        request.state.request_id,
+        oss_resolve=resolve or not runtime.settings.require_oss_resolve,
+        report=request.state.report,
+    )
     gen = await runtime.service().start(call)
     if streaming:
-        return StreamingResponse(event_stream(gen, _Frames(gen.request_id, incremental), runtime.settings.heartbeat_s),
-                                 media_type=SSE_MEDIA_TYPE, headers={"Cache-Control": "no-cache",
-                                                                     "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            event_stream(gen, _Frames(gen.request_id, incremental), runtime.settings.heartbeat_s),
+            media_type=SSE_MEDIA_TYPE,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     async with gen:
         text = await until_disconnected(request, gen.text())
     return JSONResponse(response_body(text, gen.finish_reason, gen.usage, gen.request_id))
@@ -68,8 +81,9 @@ class _Frames:
         self.text += chunk.text
         if not chunk.text and chunk.finish_reason is None:
             return  # a token that completed no character yet
-        for data in stream_frames(chunk.text, self.text, chunk.finish_reason, chunk.usage, self.request_id,
-                                  self.incremental):
+        for data in stream_frames(
+            chunk.text, self.text, chunk.finish_reason, chunk.usage, self.request_id, self.incremental
+        ):
             yield self._frame("result", 200, data)
 
     def closing(self) -> Iterable[bytes]:

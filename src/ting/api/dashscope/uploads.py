@@ -56,17 +56,37 @@ async def get_policy(request: Request, action: str = "", model: str = "") -> JSO
     owner_dir = hashlib.sha256(who.owner.encode()).hexdigest()[:16]
     day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
     upload_dir = f"dashscope-instant/{owner_dir}/{day}/{uuid.uuid4()}"
-    policy = _b64(json.dumps({"upload_dir": upload_dir, "exp": now + POLICY_TTL_S, "owner": who.owner,
-                              "model": model, "max_bytes": settings.upload_max_bytes}).encode())
+    policy = _b64(
+        json.dumps(
+            {
+                "upload_dir": upload_dir,
+                "exp": now + POLICY_TTL_S,
+                "owner": who.owner,
+                "model": model,
+                "max_bytes": settings.upload_max_bytes,
+            }
+        ).encode()
+    )
     secret = await runtime.store.secret("upload-policy")
     signature = _b64(hmac.new(secret, policy.encode(), hashlib.sha256).digest())
     base = settings.public_url or str(request.base_url)
-    return JSONResponse({"request_id": request.state.request_id, "data": {
-        "policy": policy, "signature": signature, "upload_dir": upload_dir,
-        "upload_host": base.rstrip("/") + UPLOAD_PATH, "expire_in_seconds": POLICY_TTL_S,
-        "max_file_size_mb": settings.upload_max_bytes // (1024 * 1024), "capacity_limit_mb": 999999999,
-        "oss_access_key_id": "ting", "x_oss_object_acl": "private", "x_oss_forbid_overwrite": "true",
-    }})
+    return JSONResponse(
+        {
+            "request_id": request.state.request_id,
+            "data": {
+                "policy": policy,
+                "signature": signature,
+                "upload_dir": upload_dir,
+                "upload_host": base.rstrip("/") + UPLOAD_PATH,
+                "expire_in_seconds": POLICY_TTL_S,
+                "max_file_size_mb": settings.upload_max_bytes // (1024 * 1024),
+                "capacity_limit_mb": 999999999,
+                "oss_access_key_id": "ting",
+                "x_oss_object_acl": "private",
+                "x_oss_forbid_overwrite": "true",
+            },
+        }
+    )
 
 
 @router.post(UPLOAD_PATH, summary="The upload host (an OSS-style form POST, authorised by the signed policy)")
@@ -94,8 +114,11 @@ async def _receive(request: Request, runtime: Runtime) -> None:
             if upload is not None:
                 await upload.write(form.take_file_bytes())
         if not form.complete or upload is None:
-            raise UploadRejected("The body of your POST request is not well-formed multipart/form-data: no file.",
-                                 status=400, code="MalformedPOSTRequest")
+            raise UploadRejected(
+                "The body of your POST request is not well-formed multipart/form-data: no file.",
+                status=400,
+                code="MalformedPOSTRequest",
+            )
         await upload.commit()
     finally:
         if upload is not None:
@@ -109,8 +132,11 @@ class FormStream:
         kind, options = parse_options_header(content_type)
         boundary = options.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
-            raise UploadRejected("The body of your POST request is not well-formed multipart/form-data.",
-                                 status=400, code="MalformedPOSTRequest")
+            raise UploadRejected(
+                "The body of your POST request is not well-formed multipart/form-data.",
+                status=400,
+                code="MalformedPOSTRequest",
+            )
         self.fields: dict[str, str] = {}
         self.file_started = False
         self.complete = False
@@ -119,17 +145,28 @@ class FormStream:
         self._headers: dict[bytes, bytes] = {}
         self._part: bytearray | None = None  # the field being read
         self._name = ""
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data, "on_part_end": self._part_end, "on_end": self._end})
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
 
     def feed(self, chunk: bytes) -> None:
         try:
             self._parser.write(chunk)
         except MultipartParseError:
-            raise UploadRejected("The body of your POST request is not well-formed multipart/form-data.",
-                                 status=400, code="MalformedPOSTRequest") from None
+            raise UploadRejected(
+                "The body of your POST request is not well-formed multipart/form-data.",
+                status=400,
+                code="MalformedPOSTRequest",
+            ) from None
 
     def take_file_bytes(self) -> bytes:
         data = b"".join(self._file_bytes)
@@ -153,14 +190,16 @@ class FormStream:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         if self.file_started:
-            raise UploadRejected("POST requires exactly one file upload per request.", status=400,
-                                 code="InvalidArgument")
+            raise UploadRejected(
+                "POST requires exactly one file upload per request.", status=400, code="InvalidArgument"
+            )
         if self._name == "file" or b"filename" in options:
             self.file_started = True  # everything after the file is ignored, as on OSS
             self._part = None
         elif len(self.fields) >= MAX_FIELDS:
-            raise UploadRejected(f"The form has more than {MAX_FIELDS} fields.", status=400,
-                                 code="MalformedPOSTRequest")
+            raise UploadRejected(
+                f"The form has more than {MAX_FIELDS} fields.", status=400, code="MalformedPOSTRequest"
+            )
         else:
             self._part = bytearray()
 
@@ -171,8 +210,11 @@ class FormStream:
             return
         self._part += data[start:end]
         if len(self._part) > FIELD_MAX_BYTES:
-            raise UploadRejected(f"Form field {self._name!r} is longer than {FIELD_MAX_BYTES} bytes.", status=400,
-                                 code="MalformedPOSTRequest")
+            raise UploadRejected(
+                f"Form field {self._name!r} is longer than {FIELD_MAX_BYTES} bytes.",
+                status=400,
+                code="MalformedPOSTRequest",
+            )
 
     def _part_end(self) -> None:
         if self._part is not None:
@@ -198,10 +240,13 @@ class Upload:
         policy, key = await _authorise(runtime, fields)
         files = runtime.store.files
         declared = request.headers.get("content-length", "")
-        await files.check_room(policy["upload_dir"], owner=policy["owner"],
-                               size=int(declared) if declared.isdigit() else 0,
-                               max_owner_bytes=runtime.settings.upload_quota_bytes,
-                               max_objects=runtime.settings.max_audio_items)
+        await files.check_room(
+            policy["upload_dir"],
+            owner=policy["owner"],
+            size=int(declared) if declared.isdigit() else 0,
+            max_owner_bytes=runtime.settings.upload_quota_bytes,
+            max_objects=runtime.settings.max_audio_items,
+        )
         upload = cls(runtime, policy, key)
         upload._take_slot()
         try:
@@ -215,8 +260,11 @@ class Upload:
     def _take_slot(self) -> None:
         limit = self.runtime.settings.max_concurrent_uploads
         if self.runtime.uploads_in_flight >= limit:
-            raise UploadRejected(f"Too many uploads in progress (at most {limit} at once); try again shortly.",
-                                 status=503, code="ServiceUnavailable")
+            raise UploadRejected(
+                f"Too many uploads in progress (at most {limit} at once); try again shortly.",
+                status=503,
+                code="ServiceUnavailable",
+            )
         self.runtime.uploads_in_flight += 1
         self._slot = True
 
@@ -225,8 +273,9 @@ class Upload:
             return
         self.size += len(data)
         if self.size > self.policy["max_bytes"]:
-            raise UploadRejected("Your proposed upload exceeds the maximum allowed size.", status=400,
-                                 code="EntityTooLarge")
+            raise UploadRejected(
+                "Your proposed upload exceeds the maximum allowed size.", status=400, code="EntityTooLarge"
+            )
         await self._out.write(data)
 
     async def commit(self) -> None:
@@ -236,9 +285,15 @@ class Upload:
         if not await self.runtime.store.keys.owner_active(self.policy["owner"]):  # revoked while uploading
             raise _revoked()
         await self.runtime.store.files.commit(
-            self.key, owner=self.policy["owner"], model=self.policy.get("model", ""), temp=self.temp,
-            size=self.size, policy_dir=self.policy["upload_dir"],
-            max_owner_bytes=self.runtime.settings.upload_quota_bytes, max_objects=self.runtime.settings.max_audio_items)
+            self.key,
+            owner=self.policy["owner"],
+            model=self.policy.get("model", ""),
+            temp=self.temp,
+            size=self.size,
+            policy_dir=self.policy["upload_dir"],
+            max_owner_bytes=self.runtime.settings.upload_quota_bytes,
+            max_objects=self.runtime.settings.max_audio_items,
+        )
 
     async def discard(self) -> None:
         if self._out is not None:
@@ -252,8 +307,11 @@ class Upload:
 
 
 def _revoked() -> UploadRejected:
-    return UploadRejected("The OSSAccessKeyId you provided does not exist in our records: the API key that asked "
-                          "for this policy is no longer valid.", code="InvalidAccessKeyId")
+    return UploadRejected(
+        "The OSSAccessKeyId you provided does not exist in our records: the API key that asked "
+        "for this policy is no longer valid.",
+        code="InvalidAccessKeyId",
+    )
 
 
 async def _authorise(runtime: Runtime, fields: dict[str, str]) -> tuple[dict[str, Any], str]:
@@ -264,18 +322,25 @@ async def _authorise(runtime: Runtime, fields: dict[str, str]) -> tuple[dict[str
     secret = await runtime.store.secret("upload-policy")
     expected = _b64(hmac.new(secret, policy_b64.encode(), hashlib.sha256).digest())
     if not policy_b64 or not hmac.compare_digest(expected.encode(), signature.encode()):
-        raise UploadRejected("The request signature we calculated does not match the signature you provided.",
-                             code="SignatureDoesNotMatch")
+        raise UploadRejected(
+            "The request signature we calculated does not match the signature you provided.",
+            code="SignatureDoesNotMatch",
+        )
     try:
         policy = json.loads(base64.b64decode(policy_b64, validate=True))
     except (binascii.Error, ValueError):
         raise UploadRejected("Invalid Policy: Invalid JSON.", code="InvalidPolicyDocument") from None
     if policy["exp"] < time.time():
         raise UploadRejected("Invalid according to Policy: Policy expired.")
-    if not key.startswith(policy["upload_dir"] + "/") or len(key) > 1024 or any(ord(c) < 32 for c in key) \
-            or key.endswith("/"):
-        raise UploadRejected(f'Invalid according to Policy: Policy Condition failed: ["starts-with", "$key", '
-                             f'"{policy["upload_dir"]}"]')
+    if (
+        not key.startswith(policy["upload_dir"] + "/")
+        or len(key) > 1024
+        or any(ord(c) < 32 for c in key)
+        or key.endswith("/")
+    ):
+        raise UploadRejected(
+            f'Invalid according to Policy: Policy Condition failed: ["starts-with", "$key", "{policy["upload_dir"]}"]'
+        )
     if not await runtime.store.keys.owner_active(policy["owner"]):
         raise _revoked()
     return policy, key

@@ -49,8 +49,10 @@ def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
     for i, m in enumerate(req.messages):
         role = ROLES.get(m.role)
         if role is None:
-            raise InvalidParameter(f"messages[{i}].role {m.role!r} is not supported (system, developer, user, "
-                                   f"assistant).", param=f"messages[{i}].role")
+            raise InvalidParameter(
+                f"messages[{i}].role {m.role!r} is not supported (system, developer, user, assistant).",
+                param=f"messages[{i}].role",
+            )
         messages.append(Message(role, _parts(role, m.content, i)))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in messages):
         raise InvalidParameter("messages must contain at least one user message.", param="messages")
@@ -72,13 +74,17 @@ def _parts(role: str, content: str | list[ContentPart] | None, index: int) -> tu
             parts.append(TextPart(part.text))
         elif part.type in ("input_audio", "audio_url", "audio"):
             if role != "user":
-                raise InvalidParameter(f"messages[{index}]: audio is only accepted in user messages.",
-                                       param=f"messages[{index}].content[{j}]")
+                raise InvalidParameter(
+                    f"messages[{index}]: audio is only accepted in user messages.",
+                    param=f"messages[{index}].content[{j}]",
+                )
             parts.append(AudioPart(audio_source(part, f"messages[{index}].content[{j}]")))
         else:
-            raise InvalidParameter(f"messages[{index}].content[{j}]: unsupported content part type "
-                                   f"{part.type!r} (this model takes text, input_audio and audio_url).",
-                                   param=f"messages[{index}].content[{j}].type")
+            raise InvalidParameter(
+                f"messages[{index}].content[{j}]: unsupported content part type "
+                f"{part.type!r} (this model takes text, input_audio and audio_url).",
+                param=f"messages[{index}].content[{j}].type",
+            )
     return tuple(parts)
 
 
@@ -119,7 +125,7 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
     if req.tools:
         raise InvalidParameter("tools are not supported by this model.", param="tools")
     if req.modalities and set(req.modalities) - {"text"}:
-        raise InvalidParameter("Only text output is supported (modalities: [\"text\"]).", param="modalities")
+        raise InvalidParameter('Only text output is supported (modalities: ["text"]).', param="modalities")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP:
         raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.", param="stop")
@@ -130,39 +136,58 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
     top_p = req.top_p
     if top_p == 0:  # "only the most likely token": greedy
         temperature, top_p = 0.0, None
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
-                          seed=req.seed, repetition_penalty=req.repetition_penalty,
-                          presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                          stop=stop)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        stop=stop,
+    )
 
 
 def usage_body(u: Usage) -> CompletionUsage:
     """prompt_tokens includes the audio tokens, as DashScope's compatible mode and OpenAI count them."""
-    return CompletionUsage(prompt_tokens=u.input_tokens + u.audio_tokens, completion_tokens=u.output_tokens,
-                           total_tokens=u.total_tokens,
-                           prompt_tokens_details=PromptTokensDetails(audio_tokens=u.audio_tokens,
-                                                                     text_tokens=u.input_tokens),
-                           completion_tokens_details=CompletionTokensDetails(text_tokens=u.output_tokens))
+    return CompletionUsage(
+        prompt_tokens=u.input_tokens + u.audio_tokens,
+        completion_tokens=u.output_tokens,
+        total_tokens=u.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
+        completion_tokens_details=CompletionTokensDetails(text_tokens=u.output_tokens),
+    )
 
 
-def completion_body(request_id: str, model: str, text: str, finish: FinishReason | None,
-                    usage: Usage) -> dict[str, Any]:
-    return ChatCompletion(id=f"chatcmpl-{request_id}", created=int(time.time()), model=model,
-                          choices=[Choice(index=0, message=ResponseMessage(content=text),
-                                          finish_reason=finish or "stop")],
-                          usage=usage_body(usage)).model_dump()
+def completion_body(
+    request_id: str, model: str, text: str, finish: FinishReason | None, usage: Usage
+) -> dict[str, Any]:
+    return ChatCompletion(
+        id=f"chatcmpl-{request_id}",
+        created=int(time.time()),
+        model=model,
+        choices=[Choice(index=0, message=ResponseMessage(content=text), finish_reason=finish or "stop")],
+        usage=usage_body(usage),
+    ).model_dump()
 
 
-def chunk_body(request_id: str, model: str, created: int, delta: dict[str, str], finish: FinishReason | None,
-               include_usage: bool) -> dict[str, Any]:
-    chunk = ChatCompletionChunk(id=f"chatcmpl-{request_id}", created=created, model=model,
-                                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)])
+def chunk_body(
+    request_id: str, model: str, created: int, delta: dict[str, str], finish: FinishReason | None, include_usage: bool
+) -> dict[str, Any]:
+    chunk = ChatCompletionChunk(
+        id=f"chatcmpl-{request_id}",
+        created=created,
+        model=model,
+        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+    )
     return chunk.model_dump(exclude=None if include_usage else {"usage"})
 
 
 def usage_chunk_body(request_id: str, model: str, created: int, usage: Usage) -> dict[str, Any]:
-    return ChatCompletionChunk(id=f"chatcmpl-{request_id}", created=created, model=model, choices=[],
-                               usage=usage_body(usage)).model_dump()
+    return ChatCompletionChunk(
+        id=f"chatcmpl-{request_id}", created=created, model=model, choices=[], usage=usage_body(usage)
+    ).model_dump()
 
 
 # --- transcripts ------------------------------------------------------------------------------------------------
@@ -177,8 +202,10 @@ def _clock(seconds: float, sep: str) -> str:
 
 
 def srt(segments: tuple[Segment, ...]) -> str:
-    cues = [f"{i}\n{_clock(s.start_s, ',')} --> {_clock(s.end_s, ',')}\n{s.text}\n"
-            for i, s in enumerate((s for s in segments if s.text), start=1)]
+    cues = [
+        f"{i}\n{_clock(s.start_s, ',')} --> {_clock(s.end_s, ',')}\n{s.text}\n"
+        for i, s in enumerate((s for s in segments if s.text), start=1)
+    ]
     return "\n".join(cues)
 
 
@@ -188,10 +215,20 @@ def vtt(segments: tuple[Segment, ...]) -> str:
 
 
 def verbose_body(t: Transcript) -> dict[str, Any]:
-    segments = [TranscriptionSegment(id=i, seek=int(s.start_s * 100), start=round(s.start_s, 3),
-                                     end=round(s.end_s, 3), text=s.text) for i, s in enumerate(t.segments)]
-    return VerboseTranscription(task=t.task, language=whisper_name(t.language), duration=t.duration_s, text=t.text,
-                                segments=segments, usage=duration_usage(t.duration_s)).model_dump()
+    segments = [
+        TranscriptionSegment(
+            id=i, seek=int(s.start_s * 100), start=round(s.start_s, 3), end=round(s.end_s, 3), text=s.text
+        )
+        for i, s in enumerate(t.segments)
+    ]
+    return VerboseTranscription(
+        task=t.task,
+        language=whisper_name(t.language),
+        duration=t.duration_s,
+        text=t.text,
+        segments=segments,
+        usage=duration_usage(t.duration_s),
+    ).model_dump()
 
 
 def json_body(t: Transcript, model: str) -> dict[str, Any]:
@@ -206,9 +243,12 @@ def duration_usage(duration_s: float) -> DurationUsage:
 
 
 def transcription_usage(u: Usage) -> TokenUsage:
-    return TokenUsage(input_tokens=u.input_tokens + u.audio_tokens,
-                      input_token_details=InputTokenDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
-                      output_tokens=u.output_tokens, total_tokens=u.total_tokens)
+    return TokenUsage(
+        input_tokens=u.input_tokens + u.audio_tokens,
+        input_token_details=InputTokenDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
+        output_tokens=u.output_tokens,
+        total_tokens=u.total_tokens,
+    )
 
 
 def delta_event(delta: str) -> dict[str, Any]:
@@ -224,9 +264,15 @@ def done_event(t: Transcript) -> dict[str, Any]:
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 STREAM_FORMATS = ("json", "text")
 # OpenAI's transcription model names: accepted on the transcription endpoints as names of the served model.
-TRANSCRIPTION_MODELS = ("whisper-1", "gpt-transcribe", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
-                        "gpt-4o-mini-transcribe-2025-03-20", "gpt-4o-mini-transcribe-2025-12-15",
-                        "gpt-4o-transcribe-diarize")
+TRANSCRIPTION_MODELS = (
+    "whisper-1",
+    "gpt-transcribe",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+    "gpt-4o-mini-transcribe-2025-03-20",
+    "gpt-4o-mini-transcribe-2025-12-15",
+    "gpt-4o-transcribe-diarize",
+)
 GRANULARITIES = ("segment", "word")
 _LANGUAGE = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
@@ -256,8 +302,9 @@ def audio_form(form: FormData, task: str) -> AudioForm:
         raise InvalidParameter(f"response_format must be one of {', '.join(FORMATS)}.", param="response_format")
     stream = _flag(form, "stream")
     if stream and response_format not in STREAM_FORMATS:
-        raise InvalidParameter(f"stream is only available with response_format {' or '.join(STREAM_FORMATS)}.",
-                               param="stream")
+        raise InvalidParameter(
+            f"stream is only available with response_format {' or '.join(STREAM_FORMATS)}.", param="stream"
+        )
     _check_granularities([*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")])
     translating = task == "translate"
     language = None if translating else _field(form, "language") or None
@@ -266,9 +313,15 @@ def audio_form(form: FormData, task: str) -> AudioForm:
     temperature = _number(form, "temperature")
     if temperature is not None and not 0.0 <= temperature <= 1.0:
         raise InvalidParameter("temperature must be between 0 and 1.", param="temperature")
-    return AudioForm(model=model, response_format=response_format, stream=stream, language=language,
-                     prompt=_field(form, "prompt") or None, temperature=temperature,
-                     target=(_field(form, "target_language") or "en") if translating else "en")
+    return AudioForm(
+        model=model,
+        response_format=response_format,
+        stream=stream,
+        language=language,
+        prompt=_field(form, "prompt") or None,
+        temperature=temperature,
+        target=(_field(form, "target_language") or "en") if translating else "en",
+    )
 
 
 def served_model(name: str, own: str) -> str:
@@ -300,10 +353,12 @@ def _number(form: FormData, name: str) -> float | None:
 def _check_granularities(values: Sequence[Any]) -> None:
     for value in (str(v) for v in values):
         if value not in GRANULARITIES:
-            raise InvalidParameter(f"timestamp_granularities takes segment (and word), not {value!r}.",
-                                   param="timestamp_granularities")
+            raise InvalidParameter(
+                f"timestamp_granularities takes segment (and word), not {value!r}.", param="timestamp_granularities"
+            )
         if value == "word":
             raise InvalidParameter(
                 "Word timestamps are not available: Qwen2-Audio does not time its words. Segment timestamps are "
-                "(timestamp_granularities=[\"segment\"] with response_format=verbose_json).",
-                param="timestamp_granularities")
+                '(timestamp_granularities=["segment"] with response_format=verbose_json).',
+                param="timestamp_granularities",
+            )

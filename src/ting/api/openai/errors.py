@@ -35,8 +35,7 @@ def error_body(exc: TingError) -> dict[str, dict[str, str | None]]:
     message = exc.message
     if isinstance(exc, ModelNotFound) and message == ModelNotFound.default_message:
         message = "The model does not exist or you do not have access to it."
-    return {"error": {"message": message, "type": exc.openai_type, "param": openai_param(exc),
-                      "code": exc.openai_code}}
+    return {"error": {"message": message, "type": exc.openai_type, "param": openai_param(exc), "code": exc.openai_code}}
 
 
 def error_response(exc: TingError, request_id: str) -> tuple[int, dict[str, str], bytes]:

@@ -60,9 +60,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = _Frames(gen.request_id, body.model, include_usage, lambda: gen.usage)
-        return StreamingResponse(event_stream(gen, frames, runtime.settings.heartbeat_s),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                          "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            event_stream(gen, frames, runtime.settings.heartbeat_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     async with gen:
         text = await until_disconnected(request, gen.text())
     return JSONResponse(completion_body(gen.request_id, body.model, text, gen.finish_reason, gen.usage))
@@ -131,11 +133,24 @@ async def _audio_form(request: Request, task: str) -> Response:
         raise AudioTooLarge(f"The file is too large: at most {limit} bytes.", param="file")
     if not data:
         raise AudioEmpty(param="file")
-    call = transcription_call(served_model(args.model, runtime.settings.model), "openai", bearer(request),
-                              request.state.request_id, request.state.report)
-    run = functools.partial(runtime.transcription().run, data, call, task=task, language=args.language,
-                            prompt=args.prompt, temperature=args.temperature, target=args.target,
-                            detect_language=args.response_format == "verbose_json")
+    call = transcription_call(
+        served_model(args.model, runtime.settings.model),
+        "openai",
+        bearer(request),
+        request.state.request_id,
+        request.state.report,
+    )
+    run = functools.partial(
+        runtime.transcription().run,
+        data,
+        call,
+        task=task,
+        language=args.language,
+        prompt=args.prompt,
+        temperature=args.temperature,
+        target=args.target,
+        detect_language=args.response_format == "verbose_json",
+    )
     if args.stream:
         return await _transcript_stream(request, run, runtime.settings.heartbeat_s)
     transcript = await until_disconnected(request, run())
@@ -150,8 +165,9 @@ async def _audio_form(request: Request, task: str) -> Response:
     return JSONResponse(json_body(transcript, args.model))
 
 
-async def _transcript_stream(request: Request, run: Callable[..., Awaitable[Transcript]],
-                             heartbeat_s: float) -> Response:
+async def _transcript_stream(
+    request: Request, run: Callable[..., Awaitable[Transcript]], heartbeat_s: float
+) -> Response:
     """OpenAI's streaming transcription: a transcript.text.delta per window, in order, then transcript.text.done.
 
     The request is admitted, decoded and reserved like any other; its errors before the first window is done
@@ -165,8 +181,11 @@ async def _transcript_stream(request: Request, run: Callable[..., Awaitable[Tran
     except BaseException:
         await _stop(task)
         raise
-    return StreamingResponse(_transcript_events(first, deltas, task, heartbeat_s), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _transcript_events(first, deltas, task, heartbeat_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _deltas(done: asyncio.Queue[tuple[int, str]], task: asyncio.Future[Transcript]) -> AsyncIterator[str]:
@@ -197,12 +216,13 @@ async def _deltas(done: asyncio.Queue[tuple[int, str]], task: asyncio.Future[Tra
             n += 1
         joined = join_windows([texts[k] for k in range(n)])
         if len(joined) > len(sent):
-            yield joined[len(sent):]
+            yield joined[len(sent) :]
             sent = joined
 
 
-async def _transcript_events(first: str | None, deltas: AsyncIterator[str], task: asyncio.Future[Transcript],
-                             heartbeat_s: float) -> AsyncIterator[bytes]:
+async def _transcript_events(
+    first: str | None, deltas: AsyncIterator[str], task: asyncio.Future[Transcript], heartbeat_s: float
+) -> AsyncIterator[bytes]:
     try:
         if first is not None:
             yield _data(delta_event(first))
@@ -237,15 +257,42 @@ async def translations(request: Request) -> Response:
 
 
 for prefix in PREFIXES:
-    router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"],
-                         response_model=ChatCompletion, responses=ERRORS, summary="Chat completion with audio (OpenAI)")
-    router.add_api_route(f"{prefix}/models", models, methods=["GET"], response_model=ModelList,
-                         summary="The model names this server answers to")
-    router.add_api_route(f"{prefix}/models/{{model_id:path}}", model, methods=["GET"], response_model=Model,
-                         responses=ERRORS, summary="One model by name")
-    router.add_api_route(f"{prefix}/audio/transcriptions", transcriptions, methods=["POST"], responses=ERRORS,
-                         response_model=Transcription | VerboseTranscription,
-                         summary="Transcribe audio (Whisper API)")
-    router.add_api_route(f"{prefix}/audio/translations", translations, methods=["POST"], responses=ERRORS,
-                         response_model=Transcription | VerboseTranscription,
-                         summary="Translate audio into English (Whisper API)")
+    router.add_api_route(
+        f"{prefix}/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        response_model=ChatCompletion,
+        responses=ERRORS,
+        summary="Chat completion with audio (OpenAI)",
+    )
+    router.add_api_route(
+        f"{prefix}/models",
+        models,
+        methods=["GET"],
+        response_model=ModelList,
+        summary="The model names this server answers to",
+    )
+    router.add_api_route(
+        f"{prefix}/models/{{model_id:path}}",
+        model,
+        methods=["GET"],
+        response_model=Model,
+        responses=ERRORS,
+        summary="One model by name",
+    )
+    router.add_api_route(
+        f"{prefix}/audio/transcriptions",
+        transcriptions,
+        methods=["POST"],
+        responses=ERRORS,
+        response_model=Transcription | VerboseTranscription,
+        summary="Transcribe audio (Whisper API)",
+    )
+    router.add_api_route(
+        f"{prefix}/audio/translations",
+        translations,
+        methods=["POST"],
+        responses=ERRORS,
+        response_model=Transcription | VerboseTranscription,
+        summary="Translate audio into English (Whisper API)",
+    )
