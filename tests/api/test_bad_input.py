@@ -179,3 +179,44 @@ def test_an_openai_message_with_null_content_is_a_400(server: LiveServer, role: 
         timeout=60,
     )
     assert ok.status_code == 200, ok.text
+
+
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "param", "words"),
+    [
+        # The form's limits hold before the route runs: one file, 20 fields, 64 KiB a field.
+        ([("file", ("a.wav", b"RIFF")), ("file", ("b.wav", b"RIFF"))], {"model": "whisper-1"}, None, "files"),
+        ([("file", ("a.wav", b"RIFF"))], {f"f{i}": "x" for i in range(21)} | {"model": "whisper-1"}, None, "fields"),
+        ([("file", ("a.wav", b"RIFF"))], {"model": "whisper-1", "prompt": "x" * (64 * 1024 + 1)}, None, "size"),
+        # Each field's own rules, named by the field.
+        ([], {"model": "whisper-1"}, "file", "Field required"),
+        ([("file", ("a.wav", b"RIFF"))], {}, "model", "Field required"),
+        ([("file", ("a.wav", b"RIFF"))], {"model": "whisper-1", "response_format": "xml"}, "response_format", "json"),
+        ([("file", ("a.wav", b"RIFF"))], {"model": "whisper-1", "stream": "maybe"}, "stream", "bool"),
+        ([("file", ("a.wav", b"RIFF"))], {"model": "whisper-1", "language": "english!"}, "language", "ISO-639"),
+    ],
+)
+def test_a_bad_transcription_form_is_a_clear_400(
+    server: LiveServer, files: list[Any], data: dict[str, str], param: str | None, words: str
+) -> None:
+    r = httpx.post(server.url + TRANSCRIBE, files=files, data=data, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert words in error["message"] and "Value error" not in error["message"]
+
+
+def test_the_transcription_form_is_described_in_openapi(server: LiveServer) -> None:
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    body = spec["paths"][TRANSCRIBE]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    schemas = spec["components"]["schemas"]
+    form = schemas[body["$ref"].rsplit("/", 1)[-1]]
+    fields = dict(form["properties"])
+    for part in form.get("allOf", []):  # the form's fields beside the file: TranscriptionForm
+        fields |= schemas[part["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {"file", "model", "language", "prompt", "response_format", "temperature", "stream"} <= set(fields)
+    assert "translate" not in spec["paths"]  # both endpoints are declared by one loop, each under its own path
+    assert "post" in spec["paths"]["/v1/audio/translations"]

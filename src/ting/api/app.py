@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,8 +22,6 @@ from ting.api.hostguard import HostGuard, HostPolicy
 from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.config import Settings
-from ting.engine import Engine, EngineClient, checkpoint_path
-from ting.engine.process import EngineOptions, RemoteEngine
 from ting.errors import IllegalJson, InvalidParameter, NotFound, TingError
 from ting.service import ClientGone
 
@@ -60,10 +57,15 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
         request,
         InvalidParameter(
             f"Required parameter(s) missing or invalid, please check the request "
-            f"parameters. {where}: {first.get('msg', '')}".strip(),
+            f"parameters. {where}: {_message(first)}".strip(),
             param=where or None,
         ),
     )
+
+
+def _message(error: Any) -> str:
+    """pydantic's message, without the "Value error, " it puts before a validator's own words."""
+    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 def _union_branch(part: str) -> bool:
@@ -96,49 +98,9 @@ def _mount_playground(app: FastAPI) -> None:
         return RedirectResponse("/playground/")
 
 
-async def load_engine(settings: Settings) -> EngineClient:
-    """The engine `ting serve` runs: in a process of its own, or (--no-engine-process) on a thread of this one."""
-    dummy = settings.load_format == "dummy"
-    if not settings.engine_process:
-        engine = await asyncio.to_thread(
-            Engine.load,
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            random_weights=dummy,
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            max_model_len=settings.max_model_len,
-            home=settings.home_path,
-        )
-        engine.start()
-        return engine
-    path = await asyncio.to_thread(checkpoint_path, settings.model, settings.home_path)
-    remote = RemoteEngine(
-        EngineOptions(
-            path=path,
-            device=settings.device,
-            dtype=settings.dtype,
-            random_weights=dummy,
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            max_model_len=settings.max_model_len,
-            hang_timeout_s=settings.engine_hang_timeout_s,
-            max_backoff_s=settings.engine_max_backoff_s,
-            log_level=settings.log_level,
-        )
-    )
-    try:
-        await remote.open()
-    except BaseException:
-        await remote.aclose()
-        raise
-    return remote
-
-
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     if runtime is None:
-        runtime = Runtime(settings, load_engine=functools.partial(load_engine, settings))
+        runtime = Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -174,8 +136,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
             return _response(request, NotFound(f"No such endpoint: {request.method} {request.url.path}"))
-        error = TingError(str(exc.detail))
-        error.status, error.code = exc.status_code, "InvalidParameter" if exc.status_code < 500 else "InternalError"
+        error = InvalidParameter(str(exc.detail)) if exc.status_code < 500 else TingError(str(exc.detail))
+        error.status = exc.status_code
         return _response(request, error)
 
     @app.exception_handler(ClientGone)

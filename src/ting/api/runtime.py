@@ -1,4 +1,5 @@
-"""What the server holds for its lifetime: settings, store, audio loader, engine and the service joining them.
+"""The composition root: what the server holds for its lifetime (settings, store, audio loader, engine and the
+services joining them), each built here from the Settings and handed plain values.
 
 The model loads on a background thread, so /health can answer (503) while it does; requests before then
 get 503 ModelUnavailable. Background housekeeping: the store heartbeat, crash recovery for PostgreSQL
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -29,13 +32,15 @@ from ting.audio import (
     system_resolver,
 )
 from ting.config import Settings
-from ting.engine import EngineClient
+from ting.engine import Engine, EngineClient
+from ting.engine.process import EngineOptions, RemoteEngine
 from ting.errors import NotReady
 from ting.service import ChatService, Lifecycle, Models, TranscriptionService
 from ting.store import HEARTBEAT_S, Store
 
 log = logging.getLogger("ting.server")
 
+TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built under the home directory on first use
 PURGE_EVERY_S = 600.0
 CUT_SETTLE_S = 10.0  # after the drain time, how long requests that were cut get to send their error and settle
 
@@ -61,7 +66,7 @@ class Runtime:
         self.audio = _audio_loader(settings, self.store.files, resolver)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
-        self._load_engine = load_engine
+        self._load_engine = load_engine or functools.partial(load_engine_for, settings)
         self._owns_engine = engine is None
         self.lifecycle = Lifecycle(self.store)
         self._service: ChatService | None = None
@@ -210,3 +215,54 @@ def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) ->
 def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def checkpoint_path(model: str, home: Path) -> str:
+    """`model` as given, or for 'tiny' the offline test checkpoint under `home` (built on first use)."""
+    if model != TINY:
+        return model
+    from ting.engine import tiny
+
+    target = home / "models" / "tiny"
+    if not (target / "config.json").exists():
+        tiny.build(target)
+    return str(target)
+
+
+async def load_engine_for(settings: Settings) -> EngineClient:
+    """The engine `ting serve` runs: in a process of its own, or (--no-engine-process) on a thread of this one."""
+    path = await asyncio.to_thread(checkpoint_path, settings.model, settings.home_path)
+    dummy = settings.load_format == "dummy"
+    if not settings.engine_process:
+        engine = await asyncio.to_thread(
+            Engine.load,
+            path,
+            device=settings.device,
+            dtype=settings.dtype,
+            random_weights=dummy,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len,
+        )
+        engine.start()
+        return engine
+    remote = RemoteEngine(
+        EngineOptions(
+            path=path,
+            device=settings.device,
+            dtype=settings.dtype,
+            random_weights=dummy,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len,
+            hang_timeout_s=settings.engine_hang_timeout_s,
+            max_backoff_s=settings.engine_max_backoff_s,
+            log_level=settings.log_level,
+        )
+    )
+    try:
+        await remote.open()
+    except BaseException:
+        await remote.aclose()
+        raise
+    return remote

@@ -19,7 +19,6 @@ import os
 import secrets
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Protocol
 
 from ting.engine.backend import Backend, Defaults, Prompt, Sampling
@@ -27,9 +26,8 @@ from ting.engine.scheduler import Scheduler, Stats
 from ting.errors import InputTooLong, InvalidParameter
 from ting.types import GenerationChunk, Message, SamplingParams
 
-__all__ = ["Engine", "EngineClient", "Prompt", "Sampling", "Stats", "checkpoint_path", "resolve_sampling"]
+__all__ = ["Engine", "EngineClient", "Prompt", "Sampling", "Stats", "resolve_sampling"]
 
-TINY = "tiny"  # --model tiny: the offline random-weight checkpoint, built on first use
 # Tokenizing and feature extraction run on threads of their own: never on the event loop's default executor, where
 # they would queue in front of (and behind) audio decoding and file reads.
 PREPARE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -79,18 +77,6 @@ def apply_test_wrapper(backend: Backend) -> Backend:
     module, name = wrapper.split(":")
     wrap: Callable[[Backend], Backend] = getattr(importlib.import_module(module), name)
     return wrap(backend)
-
-
-def checkpoint_path(model: str, home: Path | None = None) -> str:
-    """`model` as given, or for 'tiny' the offline test checkpoint under `home` (built on first use)."""
-    if model != TINY:
-        return model
-    from ting.engine import tiny
-
-    target = (home or Path.cwd()) / "models" / "tiny"
-    if not (target / "config.json").exists():
-        tiny.build(target)
-    return str(target)
 
 
 def resolve_sampling(params: SamplingParams, prompt: Prompt, defaults: Defaults, max_model_len: int) -> Sampling:
@@ -146,10 +132,8 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         max_model_len: int = 8192,
-        home: Path | None = None,
     ) -> Engine:
-        """Load a checkpoint directory or hub id ('tiny': build the offline test checkpoint under `home`)."""
-        model = checkpoint_path(model, home)
+        """Load a checkpoint directory or hub id."""
         from ting.engine import qwen2_audio
 
         backend = qwen2_audio.load(

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.datastructures import FormData
-
 from ting.api.openai.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,12 +24,12 @@ from ting.api.openai.schemas import (
     ResponseMessage,
     TokenUsage,
     Transcription,
+    TranscriptionForm,
     TranscriptionSegment,
     TranscriptTextDelta,
     TranscriptTextDone,
     VerboseTranscription,
 )
-from ting.api.wire import model_name_problem
 from ting.errors import InvalidParameter
 from ting.service import Segment, Transcript
 from ting.service.language import whisper_name
@@ -261,7 +259,6 @@ def done_event(t: Transcript) -> dict[str, Any]:
 
 # --- the transcription form ---------------------------------------------------------------------------------------
 
-FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 STREAM_FORMATS = ("json", "text")
 # OpenAI's transcription model names: accepted on the transcription endpoints as names of the served model.
 TRANSCRIPTION_MODELS = (
@@ -274,8 +271,6 @@ TRANSCRIPTION_MODELS = (
     "gpt-4o-transcribe-diarize",
 )
 GRANULARITIES = ("segment", "word")
-_LANGUAGE = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?")
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -291,63 +286,28 @@ class AudioForm:
     target: str  # translations: the language to translate into (an extension; "en" as Whisper)
 
 
-def audio_form(form: FormData, task: str) -> AudioForm:
-    model = _field(form, "model")
-    if not model:
-        raise InvalidParameter("model is required.", param="model")
-    if problem := model_name_problem(model):
-        raise InvalidParameter(problem + ".", param="model")
-    response_format = _field(form, "response_format") or "json"
-    if response_format not in FORMATS:
-        raise InvalidParameter(f"response_format must be one of {', '.join(FORMATS)}.", param="response_format")
-    stream = _flag(form, "stream")
-    if stream and response_format not in STREAM_FORMATS:
+def audio_form(form: TranscriptionForm, task: str) -> AudioForm:
+    """The form's rules between fields; each field's own rules are TranscriptionForm's."""
+    if form.stream and form.response_format not in STREAM_FORMATS:
         raise InvalidParameter(
             f"stream is only available with response_format {' or '.join(STREAM_FORMATS)}.", param="stream"
         )
-    _check_granularities([*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")])
+    _check_granularities(form.timestamp_granularities)
     translating = task == "translate"
-    language = None if translating else _field(form, "language") or None
-    if language is not None and not _LANGUAGE.fullmatch(language):
-        raise InvalidParameter("language must be an ISO-639 code such as en, zh or yue.", param="language")
-    temperature = _number(form, "temperature")
-    if temperature is not None and not 0.0 <= temperature <= 1.0:
-        raise InvalidParameter("temperature must be between 0 and 1.", param="temperature")
     return AudioForm(
-        model=model,
-        response_format=response_format,
-        stream=stream,
-        language=language,
-        prompt=_field(form, "prompt") or None,
-        temperature=temperature,
-        target=(_field(form, "target_language") or "en") if translating else "en",
+        model=form.model,
+        response_format=form.response_format,
+        stream=form.stream,
+        language=None if translating else form.language,
+        prompt=form.prompt,
+        temperature=form.temperature,
+        target=(form.target_language or "en") if translating else "en",
     )
 
 
 def served_model(name: str, own: str) -> str:
     """The model a transcription request runs on: OpenAI's transcription names mean the checkpoint's own."""
     return own if name in TRANSCRIPTION_MODELS else name
-
-
-def _field(form: FormData, name: str) -> str:
-    return str(form.get(name) or "").strip()
-
-
-def _flag(form: FormData, name: str) -> bool:
-    value = _field(form, name).lower()
-    if value not in _TRUE + _FALSE:
-        raise InvalidParameter(f"{name} must be true or false.", param=name)
-    return value in _TRUE
-
-
-def _number(form: FormData, name: str) -> float | None:
-    value = _field(form, name)
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be a number.", param=name) from None
 
 
 def _check_granularities(values: Sequence[Any]) -> None:

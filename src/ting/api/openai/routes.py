@@ -9,12 +9,11 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
 
 from ting.api.auth import bearer
 from ting.api.openai.convert import (
@@ -39,11 +38,12 @@ from ting.api.openai.schemas import (
     Model,
     ModelList,
     Transcription,
+    TranscriptionForm,
     VerboseTranscription,
 )
 from ting.api.runtime import runtime_of
 from ting.api.streaming import compact_json, event_stream, until_disconnected, with_heartbeats
-from ting.errors import AudioEmpty, AudioTooLarge, InvalidParameter, ModelNotFound, TingError
+from ting.errors import AudioEmpty, AudioTooLarge, ModelNotFound, TingError
 from ting.service import Call, Transcript, join_windows, transcription_call
 from ting.types import FinishReason, GenerationChunk, Usage
 
@@ -120,12 +120,8 @@ async def model(request: Request, model_id: str) -> Model:
     return Model(id=model_id, created=int(runtime.started_at))
 
 
-async def _audio_form(request: Request, task: str) -> Response:
+async def _audio_form(request: Request, file: UploadFile, form: TranscriptionForm, task: str) -> Response:
     runtime = runtime_of(request)
-    form = await request.form(max_files=1, max_fields=20, max_part_size=64 * 1024)
-    file = form.get("file")
-    if not isinstance(file, UploadFile):
-        raise InvalidParameter("file is required: the audio to transcribe, as a multipart file field.", param="file")
     args = audio_form(form, task)
     limit = runtime.settings.max_transcription_bytes
     data = await file.read(limit + 1)
@@ -246,14 +242,24 @@ async def _stop(task: asyncio.Future[Transcript]) -> None:
         task.exception()  # retrieved: a failure was already answered
 
 
-async def transcriptions(request: Request) -> Response:
-    """Whisper's /v1/audio/transcriptions: multipart file, model, language, prompt, response_format, temperature."""
-    return await _audio_form(request, "transcribe")
+# Whisper's form endpoints: (path, task, summary). The form is parsed with the limits below before the route runs.
+AUDIO_TASKS = (
+    ("transcriptions", "transcribe", "Transcribe audio (Whisper API)"),
+    ("translations", "translate", "Translate audio into English, or target_language (Whisper API)"),
+)
+AUDIO_FORM_LIMITS: Any = {"max_files": 1, "max_fields": 20, "max_part_size": 64 * 1024}
 
 
-async def translations(request: Request) -> Response:
-    """Whisper's /v1/audio/translations: into English (or `target_language`, an extension)."""
-    return await _audio_form(request, "translate")
+def _audio_route(task: str) -> Callable[..., Awaitable[Response]]:
+    async def route(
+        request: Request,
+        file: Annotated[UploadFile, File(description="The audio: any format Ting decodes")],
+        form: Annotated[TranscriptionForm, Form()],
+    ) -> Response:
+        return await _audio_form(request, file, form, task)
+
+    route.__name__ = task
+    return route
 
 
 for prefix in PREFIXES:
@@ -280,19 +286,13 @@ for prefix in PREFIXES:
         responses=ERRORS,
         summary="One model by name",
     )
-    router.add_api_route(
-        f"{prefix}/audio/transcriptions",
-        transcriptions,
-        methods=["POST"],
-        responses=ERRORS,
-        response_model=Transcription | VerboseTranscription,
-        summary="Transcribe audio (Whisper API)",
-    )
-    router.add_api_route(
-        f"{prefix}/audio/translations",
-        translations,
-        methods=["POST"],
-        responses=ERRORS,
-        response_model=Transcription | VerboseTranscription,
-        summary="Translate audio into English (Whisper API)",
-    )
+    for path, task, summary in AUDIO_TASKS:
+        router.add_api_route(
+            f"{prefix}/audio/{path}",
+            _audio_route(task),
+            methods=["POST"],
+            responses=ERRORS,
+            response_model=Transcription | VerboseTranscription,
+            summary=summary,
+            form_limits=AUDIO_FORM_LIMITS,
+        )

@@ -3,11 +3,12 @@ OpenAI's; `audio_url` parts are vLLM's form and URLs in `input_audio.data` are D
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ting.api.wire import check_request_json
+from ting.api.wire import check_request_json, model_name_problem
 from ting.types import MAX_MESSAGES, MAX_PARTS, MAX_TEXT_CHARS
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
@@ -185,6 +186,55 @@ class VerboseTranscription(BaseModel):
     text: str
     segments: list[TranscriptionSegment]
     usage: DurationUsage
+
+
+TranscriptionFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+_LANGUAGE = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{2,4})?")
+
+
+class TranscriptionForm(BaseModel):
+    """The fields of a Whisper-style form (/audio/transcriptions and /audio/translations) beside its `file`.
+
+    An empty field is an absent one, as curl's `-F language=` means. Rules between fields (stream with a format,
+    timestamp granularities) are convert.audio_form's."""
+
+    model: str
+    language: str | None = None  # transcriptions only: translations detect the source language
+    prompt: str | None = None
+    response_format: TranscriptionFormat = "json"
+    temperature: float | None = None
+    stream: bool = False
+    timestamp_granularities: list[str] = Field(default=[], alias="timestamp_granularities[]")
+    target_language: str | None = None  # translations: the language to translate into (an extension; "en")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if problem := model_name_problem(value):
+            raise ValueError(problem + ".")
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str | None) -> str | None:
+        if value is not None and not _LANGUAGE.fullmatch(value):
+            raise ValueError("language must be an ISO-639 code such as en, zh or yue.")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError("temperature must be between 0 and 1.")
+        return value
 
 
 class TranscriptTextDelta(BaseModel):
