@@ -220,3 +220,28 @@ def test_the_transcription_form_is_described_in_openapi(server: LiveServer) -> N
     assert {"file", "model", "language", "prompt", "response_format", "temperature", "stream"} <= set(fields)
     assert "translate" not in spec["paths"]  # both endpoints are declared by one loop, each under its own path
     assert "post" in spec["paths"]["/v1/audio/translations"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("n", 2, "n must be 1"),
+        ("temperature", 2.5, "between 0 and 2"),
+        ("top_p", 1.5, "between 0 and 1"),
+        ("presence_penalty", -3, "between -2 and 2"),
+        ("frequency_penalty", 3, "between -2 and 2"),
+        ("repetition_penalty", 0, "greater than 0"),
+        ("seed", 2**63, "seed must be an integer"),
+        ("top_k", -1, "0 (off) or more"),
+        ("logprobs", True, "not supported"),
+        ("tools", [{"type": "function", "function": {"name": "f"}}], "not supported"),
+        ("modalities", ["text", "audio"], "Only text output"),
+        ("stop", ["x"] * 5, "at most 4"),
+    ],
+)
+def test_an_openai_parameter_out_of_range_is_named(server: LiveServer, name: str, value: Any, words: str) -> None:
+    body = {"model": "qwen2-audio-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, name: value}
+    r = httpx.post(server.url + CHAT, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", name) and words in error["message"]

@@ -270,3 +270,12 @@ async def test_parameters_the_model_cannot_take_are_refused_before_the_engine(en
     prompt = await engine.prepare(PROMPTS[1])
     with pytest.raises(errors.InvalidParameter):
         engine.resolve(SamplingParams(max_tokens=4, **bad), prompt)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_tokens=0)])
+async def test_ranges_are_the_wires_to_check_and_an_invariant_here(engine: Engine, bad) -> None:  # type: ignore[no-untyped-def]
+    """Both wires refuse these in their own words; one reaching the engine is a bug (ValueError, a 500), not a
+    second, differently worded user error."""
+    prompt = await engine.prepare(PROMPTS[1])
+    with pytest.raises(ValueError, match="past the wire"):
+        engine.resolve(SamplingParams(**({"max_tokens": 4} | bad)), prompt)

@@ -80,14 +80,16 @@ def apply_test_wrapper(backend: Backend) -> Backend:
 
 
 def resolve_sampling(params: SamplingParams, prompt: Prompt, defaults: Defaults, max_model_len: int) -> Sampling:
-    """Fill unset parameters from the checkpoint's generation config and check them."""
+    """Fill unset parameters from the checkpoint's generation config; refuse what the model cannot take.
+
+    The ranges of each parameter are the wires' to check, in each protocol's words (api/*/convert.py); here they
+    are invariants (a ValueError is a bug, not a user's error). What is the engine's own: the room its context
+    leaves, and values torch cannot take (check_sampling)."""
     d = defaults
     room = max_model_len - len(prompt.token_ids)
     if room <= 0:
         raise InputTooLong(f"Range of input length should be [1, {max_model_len - 1}]")
     max_tokens = params.max_tokens if params.max_tokens is not None else room
-    if max_tokens < 1:
-        raise InvalidParameter("max_tokens must be at least 1.")
     sampling = Sampling(
         max_tokens=min(max_tokens, room),
         temperature=d.temperature if params.temperature is None else params.temperature,
@@ -101,15 +103,14 @@ def resolve_sampling(params: SamplingParams, prompt: Prompt, defaults: Defaults,
         stop_token_ids=frozenset(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
     )
-    if (
-        sampling.temperature < 0
-        or not 0 < sampling.top_p <= 1
-        or sampling.top_k < 0
-        or sampling.repetition_penalty <= 0
-    ):
-        raise InvalidParameter()
     check_sampling(sampling)
+    _assert_ranges(sampling)
     return sampling
+
+
+def _assert_ranges(s: Sampling) -> None:
+    if s.max_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.repetition_penalty <= 0:
+        raise ValueError(f"sampling parameters out of range past the wire: {s}")
 
 
 class Engine:

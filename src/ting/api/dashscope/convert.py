@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ting.api.dashscope.schemas import (
@@ -71,23 +72,29 @@ def _parts(role: str, content: Any, index: int) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def sampling(p: GenerationParameters) -> SamplingParams:
-    if p.temperature is not None and not 0.0 <= p.temperature < 2.0:
-        raise InvalidParameter("Temperature should be in [0.0, 2.0)")
-    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
-        raise InvalidParameter("Range of top_p should be (0.0, 1.0]")
-    if p.top_k is not None and p.top_k < 0:
-        raise InvalidParameter("Range of top_k should be [0, 100] (0 or above 100 disables it)")
-    if p.seed is not None and not 0 <= p.seed <= SEED_MAX:
-        raise InvalidParameter(f"Range of seed should be [0, {SEED_MAX}]")
-    if p.repetition_penalty is not None and not 0 < p.repetition_penalty < math.inf:
-        raise InvalidParameter("Repetition_penalty should be greater than 0.0")
-    if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
-        raise InvalidParameter("Presence_penalty should be in [-2.0, 2.0]")
-    if p.n is not None and p.n != 1:
-        raise InvalidParameter("Range of n should be [1, 1] for this model.")
+# Each parameter's range, in the hosted API's own words: (field, in range, message).
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("temperature", lambda v: 0.0 <= v < 2.0, "Temperature should be in [0.0, 2.0)"),
+    ("top_p", lambda v: 0.0 < v <= 1.0, "Range of top_p should be (0.0, 1.0]"),
+    ("top_k", lambda v: v >= 0, "Range of top_k should be [0, 100] (0 or above 100 disables it)"),
+    ("seed", lambda v: 0 <= v <= SEED_MAX, f"Range of seed should be [0, {SEED_MAX}]"),
+    ("repetition_penalty", lambda v: 0 < v < math.inf, "Repetition_penalty should be greater than 0.0"),
+    ("presence_penalty", lambda v: -2.0 <= v <= 2.0, "Presence_penalty should be in [-2.0, 2.0]"),
+    ("n", lambda v: v == 1, "Range of n should be [1, 1] for this model."),
+)
+
+
+def check_ranges(p: GenerationParameters) -> None:
+    for name, in_range, message in RANGES:
+        value = getattr(p, name)
+        if value is not None and not in_range(value):
+            raise InvalidParameter(message)
     if p.tools:
         raise InvalidParameter("The model does not support tools.")
+
+
+def sampling(p: GenerationParameters) -> SamplingParams:
+    check_ranges(p)
     stop, stop_ids = _stop(p.stop)
     top_k = p.top_k if p.top_k is not None and p.top_k <= 100 else 0
     return SamplingParams(

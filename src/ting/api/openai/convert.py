@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,34 +101,41 @@ def audio_source(part: ContentPart, where: str) -> str:
     return url
 
 
-def sampling(req: ChatCompletionRequest) -> SamplingParams:
-    if req.n not in (None, 1):
-        raise InvalidParameter("n must be 1: this server returns one choice.", param="n")
-    if req.temperature is not None and not 0 <= req.temperature <= 2:
-        raise InvalidParameter("temperature must be between 0 and 2.", param="temperature")
-    if req.top_p is not None and not 0 <= req.top_p <= 1:
-        raise InvalidParameter("top_p must be between 0 and 1.", param="top_p")
-    for name in ("presence_penalty", "frequency_penalty"):
+# Each parameter's range: (field, in range, message). The message names the field as `param`.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("n", lambda v: v == 1, "n must be 1: this server returns one choice."),
+    ("temperature", lambda v: 0 <= v <= 2, "temperature must be between 0 and 2."),
+    ("top_p", lambda v: 0 <= v <= 1, "top_p must be between 0 and 1."),
+    ("presence_penalty", lambda v: -2 <= v <= 2, "presence_penalty must be between -2 and 2."),
+    ("frequency_penalty", lambda v: -2 <= v <= 2, "frequency_penalty must be between -2 and 2."),
+    ("repetition_penalty", lambda v: 0 < v < math.inf, "repetition_penalty must be greater than 0."),
+    ("seed", lambda v: SEED_MIN <= v <= SEED_MAX, f"seed must be an integer between {SEED_MIN} and {SEED_MAX}."),
+    ("top_k", lambda v: v >= 0, "top_k must be 0 (off) or more."),
+    ("logprobs", lambda v: not v, "logprobs is not supported."),
+    ("tools", lambda v: not v, "tools are not supported by this model."),
+    ("modalities", lambda v: set(v) <= {"text"}, 'Only text output is supported (modalities: ["text"]).'),
+)
+
+
+def check_ranges(req: ChatCompletionRequest) -> None:
+    for name, in_range, message in RANGES:
         value = getattr(req, name)
-        if value is not None and not -2 <= value <= 2:
-            raise InvalidParameter(f"{name} must be between -2 and 2.", param=name)
-    if req.repetition_penalty is not None and not 0 < req.repetition_penalty < math.inf:
-        raise InvalidParameter("repetition_penalty must be greater than 0.", param="repetition_penalty")
-    if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
-        raise InvalidParameter(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}.", param="seed")
-    if req.top_k is not None and req.top_k < 0:
-        raise InvalidParameter("top_k must be 0 (off) or more.", param="top_k")
-    if req.logprobs:
-        raise InvalidParameter("logprobs is not supported.", param="logprobs")
-    if req.tools:
-        raise InvalidParameter("tools are not supported by this model.", param="tools")
-    if req.modalities and set(req.modalities) - {"text"}:
-        raise InvalidParameter('Only text output is supported (modalities: ["text"]).', param="modalities")
+        if value is not None and not in_range(value):
+            raise InvalidParameter(message, param=name)
+
+
+def _stop(req: ChatCompletionRequest) -> tuple[str, ...]:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP:
         raise InvalidParameter(f"stop takes at most {MAX_STOP} sequences.", param="stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidParameter(f"Each stop sequence takes at most {MAX_STOP_CHARS} characters.", param="stop")
+    return stop
+
+
+def sampling(req: ChatCompletionRequest) -> SamplingParams:
+    check_ranges(req)
+    stop = _stop(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     temperature = req.temperature
     top_p = req.top_p
