@@ -210,56 +210,11 @@ def _decode_container(container: Any, container_name: str, max_samples: int, max
     codec = _DECODER_CODEC.get(decoder, decoder)
     if codec not in _CODECS:
         raise errors.UnsupportedCodec(f"The audio format is not supported: codec {decoder}.")
-    resampler: Any = None
-    resampler_layout = ""
-    pieces: list[np.ndarray] = []
-    total = 0
-    packets = bad = 0
-    truncated = False
-
-    def take(frames: list[Any]) -> None:
-        nonlocal total
-        for out in frames:
-            mono = downmix(out.to_ndarray(), out.layout)
-            pieces.append(mono)
-            total += len(mono)
-
-    try:
-        for packet in container.demux(stream):
-            packets += 1
-            if packets > max_packets:
-                raise errors.InvalidAudio("The audio format is illegal and cannot be opened: too many packets.")
-            try:
-                frames = packet.decode()
-            except av.FFmpegError:
-                bad += 1
-                if bad > MAX_BAD_PACKETS:
-                    break
-                continue
-            for frame in frames:
-                _check_frame(frame)
-                if resampler is None or frame.layout.name != resampler_layout:
-                    # first frame, or the stream changed layout mid-way: flush and start a new resampler
-                    if resampler is not None:
-                        take(resampler.resample(None))
-                    resampler_layout = frame.layout.name
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=SAMPLE_RATE)
-                try:
-                    take(resampler.resample(frame))
-                except ValueError:  # the sample rate changed mid-way
-                    take(resampler.resample(None))
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=SAMPLE_RATE)
-                    take(resampler.resample(frame))
-            if total >= max_samples:
-                truncated = True
-                break
-        if not truncated and resampler is not None:
-            take(resampler.resample(None))
-    except av.FFmpegError:
-        pass  # a damaged tail: keep what decoded
-    if total == 0:
+    mono = _Mono()
+    truncated = _decode_packets(container, stream, mono, max_samples, max_packets)
+    if mono.total == 0:
         raise errors.InvalidAudio()
-    samples = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    samples = np.concatenate(mono.pieces) if len(mono.pieces) > 1 else mono.pieces[0]
     declared = _declared_duration(container, stream)
     if len(samples) > max_samples:
         samples = samples[:max_samples]
@@ -279,6 +234,68 @@ def _decode_container(container: Any, container_name: str, max_samples: int, max
         container=container_name,
         codec=codec,
     )
+
+
+def _decode_packets(container: Any, stream: Any, mono: _Mono, max_samples: int, max_packets: int) -> bool:
+    """Demux and decode into `mono` until the end, `max_samples` (True: truncated) or too many bad packets. A
+    damaged tail keeps what decoded."""
+    packets = bad = 0
+    try:
+        for packet in container.demux(stream):
+            packets += 1
+            if packets > max_packets:
+                raise errors.InvalidAudio("The audio format is illegal and cannot be opened: too many packets.")
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                bad += 1
+                if bad > MAX_BAD_PACKETS:
+                    break
+                continue
+            for frame in frames:
+                mono.add(frame)
+            if mono.total >= max_samples:
+                return True
+        mono.flush()
+    except av.FFmpegError:
+        pass
+    return False
+
+
+class _Mono:
+    """16 kHz mono float32 pieces from decoded frames. A stream whose layout or sample rate changes mid-way gets
+    the old resampler flushed and a new one."""
+
+    def __init__(self) -> None:
+        self.pieces: list[np.ndarray] = []
+        self.total = 0
+        self._resampler: Any = None
+        self._layout = ""
+
+    def add(self, frame: Any) -> None:
+        _check_frame(frame)
+        if self._resampler is None or frame.layout.name != self._layout:
+            self._restart(frame)
+        try:
+            self._take(self._resampler.resample(frame))
+        except ValueError:  # the sample rate changed mid-way
+            self._restart(frame)
+            self._take(self._resampler.resample(frame))
+
+    def flush(self) -> None:
+        if self._resampler is not None:
+            self._take(self._resampler.resample(None))
+
+    def _restart(self, frame: Any) -> None:
+        self.flush()
+        self._layout = frame.layout.name
+        self._resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=SAMPLE_RATE)
+
+    def _take(self, frames: list[Any]) -> None:
+        for out in frames:
+            mono = downmix(out.to_ndarray(), out.layout)
+            self.pieces.append(mono)
+            self.total += len(mono)
 
 
 # Downmix weights by channel name; the result is divided by the sum of the weights, so it is a weighted
