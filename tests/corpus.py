@@ -51,6 +51,27 @@ def wav_duration(path: Path) -> float:
         return w.getnframes() / w.getframerate()
 
 
+def raw_mp3_frames(src: Path, dst: Path) -> Path:
+    """`src` as bare 8 kb/s MP3 frames (no Xing header, no ID3 tag): bytes that can be repeated into a longer,
+    still valid, stream whose length only the frames tell."""
+    return ffmpeg(
+        src,
+        dst,
+        "-c:a",
+        "libmp3lame",
+        "-b:a",
+        "8k",
+        "-ar",
+        "8000",
+        "-write_xing",
+        "0",
+        "-id3v2_version",
+        "0",
+        "-f",
+        "mp3",
+    )
+
+
 def ffmpeg(src: Path, dst: Path, *args: str) -> Path:
     subprocess.run(
         ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(src), *args, str(dst)],
@@ -279,22 +300,7 @@ def long_recordings(directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     ten = write_wav(directory / "ten.wav", tone(10.0))
     opus = ffmpeg(ten, directory / "ten.opus", "-c:a", "libopus", "-b:a", "6k")
-    mp3 = ffmpeg(
-        ten,
-        directory / "ten.mp3",
-        "-c:a",
-        "libmp3lame",
-        "-b:a",
-        "8k",
-        "-ar",
-        "8000",
-        "-write_xing",
-        "0",
-        "-id3v2_version",
-        "0",
-        "-f",
-        "mp3",
-    )
+    mp3 = raw_mp3_frames(ten, directory / "ten.mp3")
     out = {"opus_2h": directory / "2h.opus", "mp3_2h": directory / "2h.mp3", "webm_11min": directory / "11min.webm"}
     loop = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-stream_loop"]
     subprocess.run([*loop, "719", "-i", str(opus), "-c", "copy", str(out["opus_2h"])], check=True, capture_output=True)
