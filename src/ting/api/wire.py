@@ -44,7 +44,11 @@ def model_name_problem(name: str) -> str | None:
 
 
 def check_request_json(data: Any) -> Any:
-    """A pydantic `mode="before"` validator for request bodies: raises ValueError (a 400 in the envelope)."""
+    """A pydantic `mode="before"` validator for request bodies: raises ValueError (a 400 in the envelope).
+
+    Before the fields' own validation, size bounds included, on purpose: pydantic refuses a lone surrogate in a
+    `str` field as "Input should be a valid string", which tells the client nothing. The walk is linear in the
+    body, as JSON parsing is, and the body's size is bounded before parsing (api/middleware.py)."""
     problem = unicode_problem(data)
     if problem is None and isinstance(data, dict) and isinstance(data.get("model"), str):
         problem = model_name_problem(data["model"])
