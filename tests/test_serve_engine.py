@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 import sqlalchemy as sa
 
 from tests import test_serve
 from tests.test_serve import GENERATION, Serve, body
+from ting.engine.process import DIR_PREFIX, remove_stale_dirs
 from ting.store import Store
 from ting.store.db import reservations
 
@@ -168,7 +171,9 @@ def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_
     assert info.spent_tokens == sum(r.charged_tokens for r in rows) > 0
 
 
-def test_sigterm_and_kill_minus_nine_of_the_server_leave_no_process_behind(tiny_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_and_kill_minus_nine_of_the_server_leave_no_process_behind(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(tmp_path / "a"))
     serve.wait_ready(300)
     children = descendants(serve.proc.pid)
@@ -177,9 +182,17 @@ def test_sigterm_and_kill_minus_nine_of_the_server_leave_no_process_behind(tiny_
     assert serve.stop(signal.SIGTERM) == 0
     assert all_gone(children)
 
-    serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(tmp_path / "b"))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    serve = Serve(tmp_path, "--model", str(tiny_dir), "--home", str(tmp_path / "b"), env={"TMPDIR": str(temp)})
     serve.wait_ready(300)
     children = descendants(serve.proc.pid)
     assert health(serve)[1]["engine_pid"] in [p.pid for p in children]
     serve.stop(signal.SIGKILL)
     assert all_gone(children)  # the engine dies with the server (PR_SET_PDEATHSIG), as the decoders do
+    # Nobody was left to remove the sockets' directory; the next server (here: what it runs first) does.
+    (left,) = temp.glob(f"{DIR_PREFIX}{serve.proc.pid}-*")
+    live = temp / f"{DIR_PREFIX}{os.getpid()}-x"
+    live.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert remove_stale_dirs() == [str(left)] and live.exists()

@@ -59,6 +59,11 @@ class Settings:
         "Seconds without a decoding step, while requests are in flight, "
         "after which the engine process counts as hung and is restarted.",
     )
+    engine_restart_timeout_s: float = _opt(
+        600.0,
+        "Seconds a restarted engine process may take to load the model before it is killed and tried again "
+        "(the first start is not bounded: it may be downloading the weights).",
+    )
     engine_max_backoff_s: float = _opt(
         30.0,
         "Longest wait before restarting an engine process that keeps dying "

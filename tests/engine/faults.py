@@ -40,3 +40,13 @@ def hang_once(backend: Any) -> Any:
 
     backend.step = step
     return backend
+
+
+def hang_on_load_once(backend: Any) -> Any:
+    """An engine process that finds the file $TING_TEST_HANG_FLAG removes it and never becomes ready."""
+    flag = Path(os.environ["TING_TEST_HANG_FLAG"])
+    if flag.exists():
+        flag.unlink()
+        while True:
+            time.sleep(1)
+    return backend

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -118,6 +119,35 @@ async def test_a_hung_engine_is_killed_and_replaced(
         await wait_for(lambda: engine.alive)
         assert not flag.exists() and engine.deaths == 1
         assert len(await run(engine, PROMPTS[0], GREEDY)) > 0  # the new engine serves
+    finally:
+        await engine.aclose()
+
+
+async def test_a_restarted_engine_that_never_becomes_ready_is_killed_and_tried_again(
+    tiny_dir: Path,
+    tmp_path: Path,
+    test_pythonpath,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flag = tmp_path / "hang"
+    monkeypatch.setenv("TING_TEST_BACKEND_WRAPPER", "tests.engine.faults:hang_on_load_once")
+    monkeypatch.setenv("TING_TEST_HANG_FLAG", str(flag))
+    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=2, first_backoff_s=0.2))
+    started = time.monotonic()
+    await engine.open()
+    # A load takes what it takes on this machine (seconds on a quiet one, more on a busy one): the restart gets
+    # a few times what the first start took, never a fixed number of seconds.
+    engine.options = replace(engine.options, restart_timeout_s=max(5.0, 4 * (time.monotonic() - started)))
+    try:
+        first_pid = engine.pid
+        flag.touch()  # the next engine process loads the model and then never says READY
+        os.kill(first_pid, signal.SIGKILL)
+        await wait_for(lambda: not flag.exists())  # the hanging one has started
+        await wait_for(lambda: engine.alive, timeout_s=600)  # killed at its deadline; the one after it serves
+        assert engine.restarts == 2 and engine.deaths == 1
+        assert len(await run(engine, PROMPTS[0], GREEDY)) > 0
+        ours = [p for p in psutil.Process().children(recursive=True) if "ting.engine.core" in " ".join(p.cmdline())]
+        assert [p.pid for p in ours if p.status() != psutil.STATUS_ZOMBIE] == [engine.pid]  # the hung one is gone
     finally:
         await engine.aclose()
 

@@ -256,6 +256,7 @@ async def load_engine_for(settings: Settings) -> EngineClient:
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
             hang_timeout_s=settings.engine_hang_timeout_s,
+            restart_timeout_s=settings.engine_restart_timeout_s,
             max_backoff_s=settings.engine_max_backoff_s,
             log_level=settings.log_level,
         )

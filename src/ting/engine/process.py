@@ -45,6 +45,33 @@ log = logging.getLogger("ting.engine")
 
 STABLE_S = 60.0  # an engine process up this long resets the backoff
 STOP_TIMEOUT_S = 10.0  # after STOP, the engine process gets this long to exit before it is killed
+DIR_PREFIX = "ting-engine-"  # the sockets' directory: ting-engine-<server pid>-<random>, in the temporary directory
+
+
+def remove_stale_dirs() -> list[str]:
+    """Remove this user's socket directories whose server is gone; the ones removed."""
+    removed = []
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name.removeprefix(DIR_PREFIX).split("-", 1)[0]
+        path = os.path.join(root, name)
+        if not name.startswith(DIR_PREFIX) or not pid.isdigit() or _running(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,7 @@ class EngineOptions:
     max_queue: int = 256
     max_model_len: int = 8192
     hang_timeout_s: float = 120.0  # no step for this long while requests are in flight: the engine is hung
+    restart_timeout_s: float = 600.0  # a restarted engine not ready after this long is killed and tried again
     first_backoff_s: float = 0.5  # wait before the first restart; doubles with each failure in a row
     max_backoff_s: float = 30.0
     log_level: str = "info"
@@ -142,7 +170,10 @@ class RemoteEngine:
         self._generations = itertools.count(1)
         self._stats = Stats()
         self._failures_in_a_row = 0
-        self._dir = tempfile.mkdtemp(prefix="ting-engine-")  # 0700: only this user reaches the sockets
+        remove_stale_dirs()
+        # 0700: only this user reaches the sockets. The server's pid in the name: a later server removes the
+        # directory of one that was killed (kill -9 leaves it behind: nobody is left to remove it).
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
 
     # --- EngineClient ---------------------------------------------------------------------------------------------
 
@@ -238,14 +269,14 @@ class RemoteEngine:
         self._fail_all(ShuttingDown())
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    async def _spawn(self) -> None:
-        """Start an engine process and wait until its model is loaded."""
+    async def _spawn(self, timeout_s: float | None = None) -> None:
+        """Start an engine process and wait until its model is loaded (at most `timeout_s`: then it is killed)."""
         loop = asyncio.get_running_loop()
         child = _Child(next(self._generations), self._dir, self.options, loop)
         receiving = asyncio.ensure_future(child.results.recv_multipart(copy=False))
         exiting = asyncio.ensure_future(child.exited.wait())
         try:
-            await asyncio.wait([receiving, exiting], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([receiving, exiting], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled (the server stops while the model loads): the process goes too
             receiving.cancel()
             exiting.cancel()
@@ -255,8 +286,13 @@ class RemoteEngine:
         exiting.cancel()
         if not receiving.done():
             receiving.cancel()
+            why = f"{child.describe_exit()} while loading the model"
+            if not child.exited.is_set():
+                child.kill()
+                await child.exited.wait()
+                why = f"did not load the model within {timeout_s:.0f} s: killed it"
             child.close()
-            raise ModelLoadError(f"The engine process {child.describe_exit()} while loading the model.")
+            raise ModelLoadError(f"The engine process {why}.")
         frames = receiving.result()
         if frames[0].bytes == wire.FAILED:
             message = wire.unpack(frames[1].buffer)
@@ -341,7 +377,8 @@ class RemoteEngine:
             await asyncio.sleep(delay_s)
             self.restarts += 1
             try:
-                await self._spawn()
+                # The first start is not bounded (it may download the weights); a restart reloads what is here.
+                await self._spawn(self.options.restart_timeout_s)
                 return
             except ModelLoadError as exc:
                 delay_s = self._next_backoff_s()
