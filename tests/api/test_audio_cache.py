@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,9 @@ def test_the_follow_up_turn_is_revalidated_not_downloaded_nor_decoded_and_answer
         counters = cache_counters(server)
         assert (counters["hits"], counters["misses"], counters["not_modified"]) == (1, 1, 1)
         assert counters["entries"] == 1 and 0 < counters["size_bytes"] <= counters["capacity_bytes"] == 256 * 2**20
+        with ThreadPoolExecutor(3) as threads:  # follow-ups batched together: every one a hit, the same answer
+            batched = list(threads.map(lambda _: text(post(server, turns(url, cached[0]))), range(3)))
+        assert batched == [cached[1]] * 3 and decodes(decode_log) == 1
     finally:
         server.stop()
     origin.asked.clear()
