@@ -22,6 +22,7 @@ from tests.origin import Origin, Request, body, redirect, send
 from ting import errors
 from ting.audio import AudioCache, AudioLoader, AudioSources
 from ting.audio.cache import ClipKey
+from ting.audio.sources import Validators
 from ting.types import AudioClip
 
 MiB = 1024 * 1024
@@ -371,3 +372,26 @@ def test_a_clip_over_an_eighth_of_the_cache_is_not_kept() -> None:
     cache.put(key(1), clip(2.0))
     cache.put(key(2), clip(3.0))  # 192 KiB of samples: more than 128 KiB
     assert cache.get(key(2)) is None and cache.get(key(1)) is not None
+
+
+async def test_oversized_validators_are_not_remembered(
+    make: Any, origin: Origin, clips: dict[str, bytes], dials: list[str]
+) -> None:
+    s = make()
+    huge = '"' + "x" * 4000 + '"'  # an origin cannot make the URL map hold kilobytes per URL
+    origin.routes["/a.wav"] = validated({"data": clips["a"], "etag": huge})
+    for _ in range(2):
+        await s.loader.load(f"{origin.base}/a.wav")
+    assert "if-none-match" not in origin.requests[1].headers and s.pool.decodes == 1
+    assert s.loader.cache_stats().urls == 0
+
+
+def test_the_url_map_keeps_the_most_recently_used_urls() -> None:
+    cache = AudioCache(1 * MiB, url_entries=2)
+    cache.put(key(1), clip(1.0))
+    for url in ("http://a/1", "http://a/2", "http://a/3"):
+        cache.remember("", url, Validators(url, '"e"', None), key(1).digest)
+    assert cache.recall("", "http://a/1", 480_000) is None
+    assert [cache.recall("", u, 480_000) is not None for u in ("http://a/2", "http://a/3")] == [True, True]
+    assert cache.recall("bob", "http://a/3", 480_000) is None  # another key's scope
+    assert cache.stats().urls == 2

@@ -20,7 +20,9 @@ from ting.audio.sources import Validators
 from ting.types import AudioClip
 
 MiB = 1024 * 1024
-URL_ENTRIES = 4096  # URLs whose validators are kept (a few hundred bytes each)
+URL_ENTRIES = 1024  # URLs whose validators are kept (more than the clips 256 MiB holds: a URL is worth its clip)
+MAX_URL_CHARS = 2048  # a longer URL (or redirect target), ETag or Last-Modified is not remembered: with these bounds
+MAX_VALIDATOR_CHARS = 256  # the URL map takes at most ~5 MiB whatever origins send
 CLIP_OVERHEAD_BYTES = 512  # what a kept clip costs besides its samples (key, dataclass, map entry)
 HASH_INLINE_BYTES = 256 * 1024  # larger payloads are hashed on a thread (~1.3 ms per MiB)
 
@@ -63,6 +65,15 @@ def digest_of(data: bytes) -> bytes:
 
 def clip_bytes(clip: AudioClip) -> int:
     return int(clip.samples.nbytes) + CLIP_OVERHEAD_BYTES
+
+
+def _small(url: str, validators: Validators) -> bool:
+    return (
+        len(url) <= MAX_URL_CHARS
+        and len(validators.url) <= MAX_URL_CHARS
+        and len(validators.etag or "") <= MAX_VALIDATOR_CHARS
+        and len(validators.last_modified or "") <= MAX_VALIDATOR_CHARS
+    )
 
 
 class AudioCache:
@@ -122,11 +133,12 @@ class AudioCache:
             return None if clip is None else Recalled(validators, key, clip)
 
     def remember(self, scope: str, url: str, validators: Validators | None, digest: bytes) -> None:
-        """Keep `url`'s validators with the digest of its body; None forgets the URL (no-store, or none sent)."""
+        """Keep `url`'s validators with the digest of its body; None forgets the URL (no-store, or none sent), as
+        does a URL or validator past the bounds above."""
         if not self.enabled:
             return
         with self._lock:
-            if validators is None:
+            if validators is None or not _small(url, validators):
                 self._urls.pop((scope, url), None)
                 return
             self._urls[(scope, url)] = (validators, digest)
