@@ -125,6 +125,11 @@ class Settings:
     decode_workers: int = _opt(2, "Audio decoder worker processes.")
     decode_timeout_s: float = _opt(10.0, "Seconds one audio item may take to decode.")
     decode_memory_mib: int = _opt(2048, "Address-space limit of each decoder worker, in MiB.")
+    audio_cache_mib: int = _opt(
+        256,
+        "Memory for decoded audio clips kept for reuse (keyed by the audio's bytes; a follow-up turn about the same "
+        "recording is not decoded again), in MiB; 0 turns the cache off.",
+    )
     max_transcription_bytes: int = _opt(25 * MiB, "Largest file the transcription endpoints accept.")
     max_transcription_s: float = _opt(
         600.0, "Longest audio the transcription endpoints accept, in seconds (cut into 30 s windows)."

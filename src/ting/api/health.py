@@ -3,6 +3,7 @@ while a dead engine process is being replaced)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,6 +23,7 @@ def _status(request: Request) -> tuple[int, dict[str, Any]]:
     body: dict[str, Any] = {"status": status, "model": runtime.settings.model}
     if runtime.state == "failed":
         body["error"] = runtime.error
+    body["audio_cache"] = dataclasses.asdict(runtime.audio.cache_stats())
     if engine is not None:
         info = engine.describe()
         stats = engine.stats

@@ -22,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ting.audio import (
+    AudioCache,
     AudioLoader,
     AudioSources,
     DecoderPool,
@@ -209,7 +210,8 @@ def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) ->
     pool = DecoderPool(
         settings.decode_workers, timeout_s=settings.decode_timeout_s, memory_mib=settings.decode_memory_mib
     )
-    return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool)
+    cache = AudioCache(settings.audio_cache_mib * 1024 * 1024)
+    return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool, cache)
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -4,6 +4,11 @@ This is the only module of Ting that makes outbound HTTP requests. Downloads are
 as the body passes the size limit; connect, idle-read and total timeouts apply; redirects are followed by
 hand, at most 5 hops, each checked again by the guard; the connection goes to the address the guard
 checked (Host header and TLS SNI keep the name). No proxy from the environment, no cookies, no credentials.
+
+A download may be conditional (`fetch_conditional`): the validators of an earlier answer (ETag, Last-Modified)
+are sent again on the hop they came from, and a 304 there means the earlier body still holds. Every conditional
+request takes exactly the path of a plain one: guard, pinned address, limits, timeouts. What an answer allows a
+cache to keep (`Cache-Control: no-store` or `private`, `Vary: *`: nothing) is read from its headers here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import re
 import socket
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
@@ -85,6 +91,57 @@ def _display(url: httpx.URL) -> str:
     return str(url.copy_with(query=None, fragment=None))
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a conditional request sends again: an answer's validators, and the URL that gave them (the last hop of
+    its redirect chain; the conditional headers go only to that URL)."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+
+    def headers(self) -> dict[str, str]:
+        sent = {"If-None-Match": self.etag} if self.etag else {}
+        if self.last_modified:
+            sent["If-Modified-Since"] = self.last_modified
+        return sent
+
+
+@dataclass(frozen=True)
+class Download:
+    """The bytes behind an audio reference, and what a cache may keep of them."""
+
+    body: bytes | None  # None: the origin answered 304 Not Modified to a conditional request
+    storable: bool  # False: the origin said no-store or private (or Vary: *); nothing of it may be kept
+    validators: Validators | None  # for the next conditional request; None: the answer gave none (or not storable)
+
+
+# Cache-Control directives after which nothing of an answer may be kept: Ting's cache serves many API keys, so it
+# keeps only what a shared cache may (RFC 9111 5.2.2.3 no-store, 5.2.2.7 private).
+_NOT_STORABLE = frozenset({"no-store", "private"})
+
+
+def _directives(value: str) -> set[str]:
+    """Cache-Control directive names, lower case (`max-age=60, Private` -> {"max-age", "private"})."""
+    return {part.split("=", 1)[0].strip().lower() for part in value.split(",") if part.strip()}
+
+
+def _storable(headers: httpx.Headers) -> bool:
+    cache_control = _directives(",".join(headers.get_list("cache-control")))
+    vary = {v.strip() for v in ",".join(headers.get_list("vary")).split(",")}
+    return not (cache_control & _NOT_STORABLE) and "*" not in vary
+
+
+def _answer(url: str, headers: httpx.Headers, body: bytes | None, earlier: Validators | None = None) -> Download:
+    """A 200's (or a 304's) download; a 304 that leaves a validator out keeps the earlier one (RFC 9111 4.3.4)."""
+    if not _storable(headers):
+        return Download(body, storable=False, validators=None)
+    etag = headers.get("etag") or (earlier.etag if earlier else None)
+    last_modified = headers.get("last-modified") or (earlier.last_modified if earlier else None)
+    validators = Validators(url, etag, last_modified) if etag or last_modified else None
+    return Download(body, storable=True, validators=validators)
+
+
 class HttpFetcher:
     def __init__(
         self,
@@ -119,6 +176,13 @@ class HttpFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """Download `url` (following redirects) or raise a MediaUrlError / AudioTooLarge."""
+        download = await self.fetch_conditional(url, None)
+        assert download.body is not None  # no validators sent: a 304 is an error like any other status
+        return download.body
+
+    async def fetch_conditional(self, url: str, validators: Validators | None) -> Download:
+        """Download `url` as `fetch` does; with `validators`, the hop at `validators.url` is a conditional GET and
+        its 304 comes back as a Download without a body. Guard, pinning, limits and timeouts are fetch's own."""
         async with self._slots:
             current = url
             try:
@@ -126,8 +190,10 @@ class HttpFetcher:
                     for _hop in range(MAX_REDIRECTS + 1):
                         target = self.guard.check_url(current)
                         address = await self._checked_address(target)
-                        result = await self._get(target, address)
-                        if isinstance(result, bytes):
+                        same = validators is not None and validators.url == str(target.url)
+                        condition = validators if same else None
+                        result = await self._get(target, address, condition)
+                        if isinstance(result, Download):
                             return result
                         current = result
                     raise DownloadFailed("Failed to download multimodal content: too many redirects.")
@@ -139,8 +205,9 @@ class HttpFetcher:
         resolved = [target.ip] if target.ip is not None else await self.resolver(target.host, target.port)
         return self.guard.pick_address(target, resolved)
 
-    async def _get(self, target: Target, address: IPAddress) -> bytes | str:
-        """One hop: the body, or the next URL when the answer is a redirect."""
+    async def _get(self, target: Target, address: IPAddress, condition: Validators | None = None) -> Download | str:
+        """One hop: the download (with `condition`, a 304 is one without a body), or the next URL when the answer
+        is a redirect."""
         try:
             shown = _display(target.url)
             pinned = target.url.copy_with(host=str(address))
@@ -150,7 +217,8 @@ class HttpFetcher:
         if ":" in target.host and target.ip is not None:  # IPv6 literal
             host_header = f"[{target.host}]" + (f":{target.port}" if target.url.port else "")
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-        request = self._client.build_request("GET", pinned, headers={"Host": host_header}, extensions=extensions)
+        headers = {"Host": host_header, **(condition.headers() if condition is not None else {})}
+        request = self._client.build_request("GET", pinned, headers=headers, extensions=extensions)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException:
@@ -169,10 +237,13 @@ class HttpFetcher:
         try:
             if response.status_code in _REDIRECTS and "location" in response.headers:
                 return _redirect_target(target.url, response.headers["location"])
+            if response.status_code == 304 and condition is not None:
+                return _answer(condition.url, response.headers, None, condition)
             if response.status_code != 200:
                 log.info("audio download failed: %s answered %d", shown, response.status_code)
                 raise DownloadFailed()
-            return await self._read_body(response, shown)
+            body = await self._read_body(response, shown)
+            return _answer(str(target.url), response.headers, body)
         finally:
             await response.aclose()
 
@@ -270,10 +341,27 @@ class AudioSources:
         self.max_bytes = max_bytes
 
     async def read(self, source: str, *, owner: str | None = None, oss_resolve: bool = True) -> bytes:
+        download = await self.fetch(source, owner=owner, oss_resolve=oss_resolve)
+        assert download.body is not None  # no validators sent
+        return download.body
+
+    async def fetch(
+        self, source: str, *, owner: str | None = None, oss_resolve: bool = True, validators: Validators | None = None
+    ) -> Download:
+        """The bytes behind `source`, with what a cache may keep of them. `validators` (http(s) only) make the
+        download conditional: a Download without a body means the origin said the earlier bytes still hold."""
+        if is_url(source):
+            download = await self.fetcher.fetch_conditional(source, validators)
+            if download.body is not None:
+                _check_size(download.body, self.max_bytes)
+            return download
+        data = await self._read_other(source, owner=owner, oss_resolve=oss_resolve)
+        _check_size(data, self.max_bytes)
+        return Download(data, storable=True, validators=None)
+
+    async def _read_other(self, source: str, *, owner: str | None, oss_resolve: bool) -> bytes:
         scheme = source.split(":", 1)[0].lower() if ":" in source else ""
-        if scheme in ("http", "https"):
-            data = await self.fetcher.fetch(source)
-        elif scheme == "data":
+        if scheme == "data":
             if len(source) > DATA_URI_INLINE_CHARS:  # ~20 ms per MiB: not on the event loop (bench/placement.py)
                 data = await asyncio.to_thread(parse_data_uri, source, max_bytes=self.max_bytes)
             else:
@@ -291,8 +379,16 @@ class AudioSources:
             raise AudioEmpty()
         else:
             raise UnsupportedScheme()
-        if not data:
-            raise AudioEmpty()
-        if len(data) > self.max_bytes:
-            raise AudioTooLarge()
         return data
+
+
+def is_url(source: str) -> bool:
+    """Whether `source` is an http(s) URL (the references downloaded by HttpFetcher)."""
+    return source.split(":", 1)[0].lower() in ("http", "https") if ":" in source else False
+
+
+def _check_size(data: bytes, max_bytes: int) -> None:
+    if not data:
+        raise AudioEmpty()
+    if len(data) > max_bytes:
+        raise AudioTooLarge()
