@@ -156,6 +156,7 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
         good, _ = s.run(s.runtime.store.keys.create(name="good"))
         spent, _ = s.run(s.runtime.store.keys.create(name="spent", quota_tokens=0))  # refused at admission
         small, _ = s.run(s.runtime.store.keys.create(name="small", quota_tokens=5))  # refused at the reservation
+        slow, _ = s.run(s.runtime.store.keys.create(name="slow", rpm=1))  # one request a minute
         script = Script(s)
         statuses: Counter[tuple[str, int]] = Counter()
         for stream in (False, False, True):
@@ -165,6 +166,8 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
         statuses["dashscope", script.dashscope(spent, wav)] += 1
         statuses["openai", script.openai(spent, wav, stream=True)] += 1
         statuses["dashscope", script.dashscope(small, wav)] += 1
+        statuses["openai", script.openai(slow, wav)] += 1
+        statuses["openai", script.openai(slow, wav, stream=True)] += 1  # the second in a minute: refused
         for token in (None, "sk-ting-forged"):
             statuses["dashscope", script.dashscope(token, wav, stream=True)] += 1
             statuses["openai", script.openai(token, wav)] += 1
@@ -176,9 +179,9 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
         assert statuses == Counter(
             {
                 ("dashscope", 200): 3,
-                ("openai", 200): 4,
+                ("openai", 200): 5,
                 ("dashscope", 403): 2,  # quota: at admission, at the reservation
-                ("openai", 429): 1,  # quota, in OpenAI's words (insufficient_quota)
+                ("openai", 429): 2,  # quota, in OpenAI's words (insufficient_quota); rate
                 ("dashscope", 401): 2,
                 ("openai", 401): 3,
                 ("dashscope", 400): 1,
@@ -193,10 +196,10 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
     for (protocol, status), n in statuses.items():
         assert total(m, "ting_requests_total", protocol=protocol, status=str(status)) == n, (protocol, status)
     assert total(m, "ting_requests_total", endpoint=GENERATION, outcome="ok") == 3
-    assert total(m, "ting_requests_total", endpoint=CHAT, outcome="ok") == 3
+    assert total(m, "ting_requests_total", endpoint=CHAT, outcome="ok") == 4
     assert total(m, "ting_requests_total", endpoint="/v1/audio/transcriptions", outcome="ok") == 1
     assert total(m, "ting_requests_total", endpoint=GENERATION, outcome="refused") == 4
-    assert total(m, "ting_requests_total", endpoint=CHAT, outcome="refused") == 3
+    assert total(m, "ting_requests_total", endpoint=CHAT, outcome="refused") == 4
     assert total(m, "ting_requests_total", endpoint="/v1/models", status="401", outcome="refused") == 1
     assert total(m, "ting_requests_total", outcome="error", status="400") == 2
     # refusals by reason
@@ -204,7 +207,8 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
     assert total(m, "ting_requests_refused_total", protocol="openai", reason="quota") == 1
     assert total(m, "ting_requests_refused_total", protocol="dashscope", reason="auth") == 2
     assert total(m, "ting_requests_refused_total", protocol="openai", reason="auth") == 3
-    assert total(m, "ting_requests_refused_total") == 8
+    assert total(m, "ting_requests_refused_total", protocol="openai", reason="rate") == 1
+    assert total(m, "ting_requests_refused_total") == 9
     # tokens: exactly the usage the responses reported (refused and failed requests ran nothing)
     for protocol in ("dashscope", "openai"):
         for modality in ("text", "audio"):
@@ -215,25 +219,26 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
     # histograms: one observation per request the lifecycle settled (ok, the reservation refusal, the two failures)
     e2e = "ting_e2e_request_latency_seconds_count"
     assert total(m, e2e, protocol="dashscope", outcome="ok") == 3
-    assert total(m, e2e, protocol="openai", outcome="ok") == 4
+    assert total(m, e2e, protocol="openai", outcome="ok") == 5
     assert total(m, e2e, protocol="dashscope", outcome="refused") == 1
     assert total(m, e2e, outcome="error") == 2
-    assert total(m, e2e) == 10
+    assert total(m, e2e) == 11
     for protocol in ("dashscope", "openai"):
         chats = script.output_tokens[protocol]
-        assert total(m, "ting_time_to_first_token_seconds_count", protocol=protocol) == len(chats) == 3
+        assert total(m, "ting_time_to_first_token_seconds_count", protocol=protocol) == len(chats)
         several = sum(1 for n in chats if n >= 2)
         assert total(m, "ting_time_per_output_token_seconds_count", protocol=protocol) == several
-    # audio: 6 good chats, the reservation refusal and the decode failure read a data: URI; one download failed
-    assert total(m, "ting_audio_fetch_duration_seconds_count", source="data") == 8
+    assert len(script.output_tokens["dashscope"]) == 3 and len(script.output_tokens["openai"]) == 4
+    # audio: 7 good chats, the reservation refusal and the decode failure read a data: URI; one download failed
+    assert total(m, "ting_audio_fetch_duration_seconds_count", source="data") == 9
     assert total(m, "ting_audio_fetch_duration_seconds_count", source="http") == 1
     assert total(m, "ting_audio_fetch_failures_total", source="http") == 1
     assert total(m, "ting_audio_fetch_failures_total") == 1
-    assert total(m, "ting_audio_decode_duration_seconds_count") == 9  # those 8 and the transcription's file
+    assert total(m, "ting_audio_decode_duration_seconds_count") == 10  # those 9 and the transcription's file
     assert total(m, "ting_audio_decode_failures_total") == 1
     # the engine's live state
     assert total(m, "ting_num_requests_running") == total(m, "ting_num_requests_waiting") == 0
-    assert total(m, "ting_kv_slots_used") == 0 and total(m, "ting_kv_slots_total") == 16
+    assert total(m, "ting_kv_slots_used") == 0 and total(m, "ting_kv_slots_total") == 8  # the test engine's
     assert total(m, "ting_engine_up") == 1 and total(m, "ting_engine_restarts_total") == 0
 
 
@@ -254,3 +259,24 @@ def test_who_may_read_the_metrics(engine: Any, tmp_path: Path, server: LiveServe
             r = httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
             assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey"), token
         assert total(scrape(s), "ting_engine_up") == 1
+
+
+def test_a_full_engine_queue_is_an_overload_refusal(tiny_dir: Path, tmp_path: Path, recording: bytes) -> None:
+    from ting.engine import Engine
+
+    full = Engine.load(str(tiny_dir), max_batch_size=1, max_queue=0)  # every request finds the queue full
+    full.start()
+    try:
+        with live_server(full, tmp_path) as s:
+            wav = "data:;base64," + base64.b64encode(recording).decode()
+            statuses = [Script(s).dashscope(None, wav), Script(s).openai(None, wav, stream=True)]
+            assert statuses == [503, 503]
+            wait_for(lambda: counted(scrape(s, token=None)) >= 2, "both requests counted")
+            m = scrape(s, token=None)
+    finally:
+        full.stop()
+    for protocol in ("dashscope", "openai"):
+        assert total(m, "ting_requests_refused_total", protocol=protocol, reason="overload") == 1
+        assert total(m, "ting_requests_total", protocol=protocol, status="503", outcome="refused") == 1
+        assert total(m, "ting_prompt_tokens_total", protocol=protocol) == 0
+    assert total(m, "ting_kv_slots_total") == 1

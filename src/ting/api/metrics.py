@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
-from ting.engine import EngineClient
+from ting.engine import Engine, EngineClient
 from ting.engine.process import RemoteEngine
 from ting.errors import AccessDenied, AuthError, TingError
 from ting.service import Report, Settled, refusal_of
@@ -186,28 +186,30 @@ class EngineCollector(Collector):
     """The engine's live state, read when Prometheus scrapes (the engine process sends it with every step)."""
 
     def __init__(self, engine: Callable[[], EngineClient | None], kv_slots: int) -> None:
-        self.engine, self.kv_slots = engine, kv_slots
+        self.engine, self.kv_slots = engine, kv_slots  # kv_slots: --max-batch-size, until an engine says otherwise
 
     def collect(self) -> Iterable[Metric]:
         engine = self.engine()
         running = waiting = restarts = 0
-        up = False
+        up, slots = False, self.kv_slots
         if engine is not None:
             stats = engine.stats
             running, waiting, up = stats.running, stats.waiting, engine.alive
             if isinstance(engine, RemoteEngine):
-                restarts = engine.restarts
+                restarts, slots = engine.restarts, engine.options.max_batch_size
+            elif isinstance(engine, Engine):
+                slots = engine.scheduler.max_batch_size
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the engine's batch.", value=running)
         yield GaugeMetricFamily(
             PREFIX + "num_requests_waiting", "Requests waiting in the engine's queue for a slot.", value=waiting
         )
         # Each running request holds one KV-cache slot (a row of the slot cache) until it ends.
         yield GaugeMetricFamily(PREFIX + "kv_slots_used", "KV-cache slots held by running requests.", value=running)
-        yield GaugeMetricFamily(PREFIX + "kv_slots_total", "KV-cache slots (--max-batch-size).", value=self.kv_slots)
+        yield GaugeMetricFamily(PREFIX + "kv_slots_total", "KV-cache slots (--max-batch-size).", value=slots)
         yield GaugeMetricFamily(
             PREFIX + "kv_cache_usage_perc",
             "The fraction of KV-cache slots in use (0 to 1).",
-            value=running / self.kv_slots if self.kv_slots else 0.0,
+            value=running / slots if slots else 0.0,
         )
         yield GaugeMetricFamily(PREFIX + "engine_up", "1 while the engine is serving, 0 otherwise.", value=int(up))
         yield CounterMetricFamily(
