@@ -21,6 +21,7 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import test_serve
 from tests.test_serve import GENERATION, Serve, body
@@ -53,6 +54,21 @@ def descendants(pid: int) -> list[psutil.Process]:
 def all_gone(processes: list[psutil.Process], timeout_s: float = 60.0) -> bool:
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
     return not alive
+
+
+def scrape(serve: Serve, key: str) -> dict[Any, float]:
+    """/metrics: {name: value} for unlabelled samples, {(name, protocol, status, outcome): value} for requests."""
+    r = httpx.get(serve.url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    out: dict[Any, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name == "ting_requests_total" and s.labels["endpoint"] == GENERATION:
+                key_ = (s.name, s.labels["protocol"], s.labels["status"], s.labels["outcome"])
+                out[key_] = out.get(key_, 0.0) + s.value
+            elif not s.labels:
+                out[s.name] = s.value
+    return out
 
 
 class Stream(threading.Thread):
@@ -102,7 +118,9 @@ def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_
         "TING_TEST_STEP_DELAY_S": "0.05",
         "PYTHONPATH": os.environ["PYTHONPATH"],
     }
-    serve = Serve(tmp_path, "--model", str(tiny_dir), *common, "--engine-max-backoff-s", "2", env=env)
+    serve = Serve(
+        tmp_path, "--model", str(tiny_dir), *common, "--engine-max-backoff-s", "2", "--metrics-key", "sk-m", env=env
+    )
     try:
         serve.wait_ready(300)
         first_engine = health(serve)[1]["engine_pid"]
@@ -143,6 +161,9 @@ def test_kill_minus_nine_of_the_engine_fails_the_streams_settles_them_and_a_new_
             headers={"Authorization": f"Bearer {key}"},
         )
         assert again.status_code == 200 and again.json()["usage"]["output_tokens"] == 4
+        metrics = scrape(serve, "sk-m")
+        assert metrics["ting_engine_restarts_total"] == 1 and metrics["ting_engine_up"] == 1
+        assert metrics["ting_requests_total", "dashscope", "200", "error"] == 8  # the cut streams
     finally:
         assert serve.stop() == 0
 

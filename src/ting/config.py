@@ -83,6 +83,12 @@ class Settings:
         "configured and no keys in the database, any key is accepted.",
         secret=True,
     )
+    metrics_key: str = _opt(
+        "",
+        "Bearer token that may read /metrics (Prometheus). Without it /metrics answers only while no API "
+        "key exists (an open server, loopback only).",
+        secret=True,
+    )
     allow_no_auth: bool = _opt(False, "Allow listening beyond loopback with no API key configured.")
     cors_origins: tuple[str, ...] = _opt((), "Browser origins allowed to call the API (none by default).")
     allowed_hosts: tuple[str, ...] = _opt(

@@ -19,6 +19,7 @@ from starlette.types import Scope
 from ting import __version__
 from ting.api import dashscope, health, openai
 from ting.api.hostguard import HostGuard, HostPolicy
+from ting.api.metrics import ERROR_STATE
 from ting.api.middleware import BodyLimit, LargeBodyPacing, RequestContext
 from ting.api.runtime import Runtime
 from ting.config import Settings
@@ -126,6 +127,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(TingError)
     async def ting_error(request: Request, exc: TingError) -> Response:
+        request.scope.setdefault("state", {})[ERROR_STATE] = exc  # for the metrics (refusals by reason)
         return _response(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -167,5 +169,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             allow_headers=["*"],
             allow_credentials=False,
         )
-    app.add_middleware(RequestContext, render=render_error)
+    app.add_middleware(RequestContext, render=render_error, on_done=runtime.metrics.request_done)
     return app

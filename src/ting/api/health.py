@@ -1,5 +1,5 @@
-"""Liveness and readiness. /health is 200 once the model is loaded and serving, 503 before (and after, and
-while a dead engine process is being replaced)."""
+"""Liveness, readiness and metrics. /health is 200 once the model is loaded and serving, 503 before (and after,
+and while a dead engine process is being replaced). /metrics: Prometheus's text format (api/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ting.api.auth import bearer
 from ting.api.runtime import runtime_of
 
 router = APIRouter(tags=["Health"])
@@ -49,3 +51,12 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/health/live", summary="200 while the process answers")
 async def live() -> JSONResponse:
     return JSONResponse({"status": "alive"})
+
+
+@router.get(
+    "/metrics", summary="Prometheus metrics (with --metrics-key, or on an open server)", include_in_schema=False
+)
+async def metrics(request: Request) -> Response:
+    runtime = runtime_of(request)
+    await runtime.metrics_access.check(bearer(request))
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -30,8 +30,10 @@ class RequestContext:
     is kept for clients that really hung up).
     """
 
-    def __init__(self, app: ASGIApp, *, render: ErrorRenderer) -> None:
-        self.app, self.render = app, render
+    def __init__(
+        self, app: ASGIApp, *, render: ErrorRenderer, on_done: Callable[[Scope, int], None] | None = None
+    ) -> None:
+        self.app, self.render, self.on_done = app, render, on_done  # on_done(scope, status): the metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,6 +74,11 @@ class RequestContext:
             }
             line.update(report.fields())
             access_log.info(_json_line(line))
+            if self.on_done is not None:
+                try:
+                    self.on_done(scope, line["status"])
+                except Exception:
+                    log.exception("counting %s %s failed", scope["method"], scope["path"])
 
 
 def _json_line(line: dict[str, Any]) -> str:

@@ -21,9 +21,11 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ting.api.metrics import Access, Metrics
 from ting.audio import (
     AudioCache,
     AudioLoader,
+    AudioObserver,
     AudioSources,
     DecoderPool,
     HttpFetcher,
@@ -64,12 +66,14 @@ class Runtime:
             upload_ttl_s=settings.upload_ttl_s,
             instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}",
         )
-        self.audio = _audio_loader(settings, self.store.files, resolver)
+        self.metrics = Metrics(lambda: self.engine, settings.max_batch_size)
+        self.metrics_access = Access(settings.metrics_key, self.store.keys.open)
+        self.audio = _audio_loader(settings, self.store.files, resolver, self.metrics)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
         self._load_engine = load_engine or functools.partial(load_engine_for, settings)
         self._owns_engine = engine is None
-        self.lifecycle = Lifecycle(self.store)
+        self.lifecycle = Lifecycle(self.store, self.metrics)
         self._service: ChatService | None = None
         self._transcription: TranscriptionService | None = None
         self.state = "starting"  # starting | loading | ready | failed | draining | stopping
@@ -197,7 +201,9 @@ class Runtime:
         await self.store.close()
 
 
-def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) -> AudioLoader:
+def _audio_loader(
+    settings: Settings, store: ObjectStore, resolver: Resolver, observer: AudioObserver | None = None
+) -> AudioLoader:
     fetcher = HttpFetcher(
         MediaGuard(settings.allow_media_hosts),
         max_bytes=settings.max_audio_bytes,
@@ -211,7 +217,7 @@ def _audio_loader(settings: Settings, store: ObjectStore, resolver: Resolver) ->
         settings.decode_workers, timeout_s=settings.decode_timeout_s, memory_mib=settings.decode_memory_mib
     )
     cache = AudioCache(settings.audio_cache_mib * 1024 * 1024)
-    return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool, cache)
+    return AudioLoader(AudioSources(fetcher, store, max_bytes=settings.max_audio_bytes), pool, cache, observer)
 
 
 def runtime_of(request: Request) -> Runtime:

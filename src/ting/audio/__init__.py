@@ -8,10 +8,12 @@ same bytes decoded to before (cache.py): an http(s) URL is downloaded again cond
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from ting.audio.cache import HASH_INLINE_BYTES, AudioCache, CacheStats, ClipKey, digest_of
 from ting.audio.decode import DecoderPool, sniff
 from ting.audio.guard import MediaGuard
+from ting.audio.observe import AudioObserver, source_kind, timed
 from ting.audio.sources import (
     AudioSources,
     Download,
@@ -28,6 +30,7 @@ from ting.types import SAMPLE_RATE, WINDOW_S, AudioClip
 __all__ = [
     "AudioCache",
     "AudioLoader",
+    "AudioObserver",
     "AudioSources",
     "CacheStats",
     "DecoderPool",
@@ -44,10 +47,17 @@ __all__ = [
 
 
 class AudioLoader:
-    def __init__(self, sources: AudioSources, pool: DecoderPool, cache: AudioCache | None = None) -> None:
+    def __init__(
+        self,
+        sources: AudioSources,
+        pool: DecoderPool,
+        cache: AudioCache | None = None,
+        observer: AudioObserver | None = None,
+    ) -> None:
         self.sources = sources
         self.pool = pool
         self.cache = cache if cache is not None else AudioCache(0)
+        self.observer = observer  # told how long each fetch and decode took, and what failed (the metrics)
         self._decoding: dict[ClipKey, asyncio.Future[AudioClip]] = {}  # one decode per clip at a time
 
     async def start(self) -> None:
@@ -62,13 +72,17 @@ class AudioLoader:
     ) -> AudioClip:
         """Fetch and decode one audio reference (http(s) URL, data: URI or oss:// key), reusing the clip the same
         bytes decoded to before; an http(s) URL whose clip is kept is downloaded conditionally."""
+        observer = self.observer
+        fetched = None if observer is None else functools.partial(observer.fetched, source_kind(source))
         if not self.cache.enabled:
-            data = await self.sources.read(source, owner=owner, oss_resolve=oss_resolve)
+            data = await timed(self.sources.read(source, owner=owner, oss_resolve=oss_resolve), fetched)
             return await self.decode(data, max_seconds=max_seconds)
         scope, max_samples = owner or "", int(max_seconds * SAMPLE_RATE)
         recalled = self.cache.recall(scope, source, max_samples) if is_url(source) else None
         validators = recalled.validators if recalled is not None else None
-        download = await self.sources.fetch(source, owner=owner, oss_resolve=oss_resolve, validators=validators)
+        download = await timed(
+            self.sources.fetch(source, owner=owner, oss_resolve=oss_resolve, validators=validators), fetched
+        )
         if download.body is None:  # 304 Not Modified: only ever the answer to the validators sent
             assert recalled is not None
             self.cache.remember(scope, source, download.validators, recalled.key.digest)
@@ -81,7 +95,8 @@ class AudioLoader:
     async def decode(self, data: bytes, *, max_seconds: float = WINDOW_S, refuse_longer: bool = False) -> AudioClip:
         """Decode audio bytes the caller already holds (an uploaded recording; never cached); `refuse_longer`: a
         recording longer than `max_seconds` is refused before it is decoded, rather than cut."""
-        return await self.pool.decode(data, max_seconds=max_seconds, refuse_longer=refuse_longer)
+        decoded = None if self.observer is None else self.observer.decoded
+        return await timed(self.pool.decode(data, max_seconds=max_seconds, refuse_longer=refuse_longer), decoded)
 
     async def _decoded(self, key: ClipKey, download: Download, max_seconds: float) -> AudioClip:
         """The clip `key` names: kept, being decoded for another request, or decoded now (and kept if the source

@@ -4,7 +4,17 @@ request lifecycle (lifecycle.py: admission, outcome, settlement)."""
 from __future__ import annotations
 
 from ting.service.chat import ChatService, Generation, ModelLimits, Models
-from ting.service.lifecycle import Call, ClientGone, Lifecycle, Report, Ticket, outcome_of
+from ting.service.lifecycle import (
+    Call,
+    ClientGone,
+    Lifecycle,
+    LifecycleObserver,
+    Report,
+    Settled,
+    Ticket,
+    outcome_of,
+    refusal_of,
+)
 from ting.service.transcription import (
     Segment,
     Transcript,
@@ -20,15 +30,18 @@ __all__ = [
     "ClientGone",
     "Generation",
     "Lifecycle",
+    "LifecycleObserver",
     "ModelLimits",
     "Models",
     "Report",
     "Segment",
+    "Settled",
     "Ticket",
     "Transcript",
     "TranscriptionService",
     "clean_transcript",
     "join_windows",
     "outcome_of",
+    "refusal_of",
     "transcription_call",
 ]

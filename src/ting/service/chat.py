@@ -88,11 +88,14 @@ class Generation:
         self.usage = Usage()
         self.finish_reason: FinishReason | None = None
         self._first: GenerationChunk | None = self._take(first)
-        ticket.first_token_ms = int((time.monotonic() - ticket.started) * 1000)
+        ticket.first_token_at = ticket.last_token_at = time.monotonic()
+        ticket.first_token_ms = int((ticket.first_token_at - ticket.started) * 1000)
 
     def _take(self, raw: GenerationChunk) -> GenerationChunk:
         chunk = replace(raw, usage=replace(raw.usage, audio_tokens=self._billed))
         self.usage = self.ticket.usage = chunk.usage
+        if raw.token_ids:
+            self.ticket.last_token_at = time.monotonic()
         self.finish_reason = chunk.finish_reason
         return chunk
 

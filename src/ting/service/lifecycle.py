@@ -18,11 +18,19 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
-from ting.errors import TingError
+from ting.errors import (
+    AccessDenied,
+    AuthError,
+    ConcurrencyLimited,
+    Overloaded,
+    QuotaExhausted,
+    RateLimited,
+    TingError,
+)
 from ting.store import Outcome, Principal, Store
 from ting.types import ChatRequest, Usage
 
@@ -78,6 +86,40 @@ def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
     return "aborted", "ClientClosedRequest"  # cancelled (the client hung up) or closed before its end
 
 
+# Why a request was turned away before it ran, by the error that refused it (first match wins).
+REFUSALS: tuple[tuple[type[TingError], str], ...] = (
+    (QuotaExhausted, "quota"),
+    (AuthError, "auth"),
+    (AccessDenied, "auth"),  # an expired key
+    (RateLimited, "rate"),
+    (ConcurrencyLimited, "concurrency"),
+    (Overloaded, "overload"),
+)
+
+
+def refusal_of(exc: BaseException | None) -> str | None:
+    """auth | quota | rate | concurrency | overload when `exc` turned a request away, else None."""
+    return next((reason for kind, reason in REFUSALS if isinstance(exc, kind)), None)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A settled request, for whoever observes the lifecycle (the metrics)."""
+
+    protocol: str
+    task: str | None  # None: chat; transcribe | translate
+    outcome: str  # ok | refused | error | aborted (refused: `refusal` says why)
+    refusal: str | None
+    usage: Usage
+    latency_s: float  # admission to settlement
+    first_token_s: float | None  # admission to the first generated token (chat)
+    decode_s: float | None  # the first generated token to the last (chat)
+
+
+class LifecycleObserver(Protocol):
+    def settled(self, request: Settled) -> None: ...
+
+
 class Ticket:
     """An admitted request: who pays, what it has used so far; settled exactly once."""
 
@@ -86,6 +128,8 @@ class Ticket:
         self.usage = Usage()
         self.audio_seconds = 0.0
         self.first_token_ms: int | None = None
+        self.first_token_at: float | None = None  # time.monotonic() of the first and the last generated token
+        self.last_token_at: float | None = None
         self.settled = False
 
     @property
@@ -102,9 +146,11 @@ class Ticket:
             return
         self.settled = True
         status, code = outcome_of(exc)
-        outcome = Outcome(status, self.usage, self.audio_seconds, code, int((time.monotonic() - self.started) * 1000))
+        latency_s = time.monotonic() - self.started
+        outcome = Outcome(status, self.usage, self.audio_seconds, code, int(latency_s * 1000))
         with anyio.CancelScope(shield=True):
             await self.lifecycle.settle(self, outcome)
+        self.lifecycle.observe(self, status, refusal_of(exc), latency_s)
 
     async def __aenter__(self) -> Ticket:
         return self
@@ -118,8 +164,9 @@ class Ticket:
 class Lifecycle:
     """Admission and settlement, the same for chat and transcription, for both protocols."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, observer: LifecycleObserver | None = None) -> None:
         self.store = store
+        self.observer = observer
         self.open: set[Ticket] = set()  # admitted, not yet settled
         self._settling: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -196,6 +243,26 @@ class Lifecycle:
             self.open.discard(ticket)
             if not self.open:
                 self._idle.set()
+
+    def observe(self, ticket: Ticket, status: str, refusal: str | None, latency_s: float) -> None:
+        """Tell the observer (the metrics) how a settled request went; its failure never fails the request."""
+        if self.observer is None:
+            return
+        first, last = ticket.first_token_at, ticket.last_token_at
+        settled = Settled(
+            protocol=ticket.call.protocol,
+            task=ticket.call.report.task,
+            outcome="refused" if refusal else status,
+            refusal=refusal,
+            usage=ticket.usage,
+            latency_s=latency_s,
+            first_token_s=None if first is None else first - ticket.started,
+            decode_s=None if first is None or last is None else last - first,
+        )
+        try:
+            self.observer.settled(settled)
+        except Exception:
+            log.exception("observing %s failed", ticket.request_id)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for settlements in flight (at shutdown)."""
