@@ -7,7 +7,8 @@ Where each number is counted (one place each):
   the error that refused them (the app's error handler leaves it in the request's scope state);
 * tokens and the per-request latencies: the request lifecycle, once per settled request (`settled`);
 * audio fetch and decode durations and failures: the audio layer's observer (`fetched`, `decoded`);
-* the engine's live state (running, waiting, KV slots, up, restarts): read at scrape time from the engine.
+* the engine's live state (running, waiting, KV slots, up, restarts): read at scrape time from the engine;
+* the decoded-clip cache's counters: read at scrape time from the audio loader's cache.
 
 Each server has a registry of its own (tests run several in one process). Who may read /metrics: see `Access`.
 """
@@ -23,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
+from ting.audio import CacheStats
 from ting.engine import Engine, EngineClient
 from ting.engine.process import RemoteEngine
 from ting.errors import AccessDenied, AuthError, TingError
@@ -72,6 +74,7 @@ class Metrics:
 
     def __init__(self, engine: Callable[[], EngineClient | None], kv_slots: int) -> None:
         self.registry = CollectorRegistry()
+        self.audio_cache: Callable[[], CacheStats] | None = None  # set once the audio loader exists
         r = self.registry
         self.requests = Counter(
             PREFIX + "requests",
@@ -138,6 +141,7 @@ class Metrics:
             PREFIX + "audio_decode_failures", "Audio files refused by the decoder, by error.", ["error"], registry=r
         )
         r.register(EngineCollector(engine, kv_slots))
+        r.register(AudioCacheCollector(lambda: self.audio_cache() if self.audio_cache is not None else None))
 
     # --- the access-log middleware: every HTTP request --------------------------------------------------------
 
@@ -214,6 +218,30 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "engine_up", "1 while the engine is serving, 0 otherwise.", value=int(up))
         yield CounterMetricFamily(
             PREFIX + "engine_restarts", "Engine processes started after the first (after a crash or hang).", restarts
+        )
+
+
+class AudioCacheCollector(Collector):
+    """The decoded-clip cache (audio/cache.py), read when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], CacheStats | None]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats()
+        if s is None:
+            return
+        name = PREFIX + "audio_cache_"
+        yield CounterMetricFamily(name + "hits", "Audio clips reused instead of decoded (a 304 included).", s.hits)
+        yield CounterMetricFamily(name + "misses", "Audio clips looked up and not found: decoded.", s.misses)
+        yield CounterMetricFamily(name + "evictions", "Clips dropped to stay within the cache's bound.", s.evictions)
+        yield CounterMetricFamily(
+            name + "not_modified", "Conditional downloads the origin answered 304 (no body).", s.not_modified
+        )
+        yield GaugeMetricFamily(name + "entries", "Decoded clips kept.", value=s.entries)
+        yield GaugeMetricFamily(name + "size_bytes", "Bytes of decoded clips kept.", value=s.size_bytes)
+        yield GaugeMetricFamily(
+            name + "capacity_bytes", "The cache's bound (--audio-cache-mib).", value=s.capacity_bytes
         )
 
 

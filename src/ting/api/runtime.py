@@ -69,6 +69,7 @@ class Runtime:
         self.metrics = Metrics(lambda: self.engine, settings.max_batch_size)
         self.metrics_access = Access(settings.metrics_key, self.store.keys.open)
         self.audio = _audio_loader(settings, self.store.files, resolver, self.metrics)
+        self.metrics.audio_cache = self.audio.cache_stats
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
         self._load_engine = load_engine or functools.partial(load_engine_for, settings)
