@@ -99,15 +99,21 @@ async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serv
         await engine.aclose()
 
 
-async def test_a_hung_engine_is_killed_and_replaced(
-    tiny_dir: Path,
-    tmp_path: Path,
-    test_pythonpath,  # type: ignore[no-untyped-def]
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def hang_flag(tmp_path: Path, test_pythonpath, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The file whose presence makes the fault (tests/engine/faults.py) the test names with `fault` hang once."""
     flag = tmp_path / "hang"
-    monkeypatch.setenv("TING_TEST_BACKEND_WRAPPER", "tests.engine.faults:hang_once")
     monkeypatch.setenv("TING_TEST_HANG_FLAG", str(flag))
+
+    def fault(name: str) -> Path:
+        monkeypatch.setenv("TING_TEST_BACKEND_WRAPPER", f"tests.engine.faults:{name}")
+        return flag
+
+    return fault
+
+
+async def test_a_hung_engine_is_killed_and_replaced(tiny_dir: Path, hang_flag) -> None:  # type: ignore[no-untyped-def]
+    flag = hang_flag("hang_once")
     engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=4, hang_timeout_s=2.0, first_backoff_s=0.2))
     await engine.open()
     try:
@@ -123,15 +129,8 @@ async def test_a_hung_engine_is_killed_and_replaced(
         await engine.aclose()
 
 
-async def test_a_restarted_engine_that_never_becomes_ready_is_killed_and_tried_again(
-    tiny_dir: Path,
-    tmp_path: Path,
-    test_pythonpath,  # type: ignore[no-untyped-def]
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    flag = tmp_path / "hang"
-    monkeypatch.setenv("TING_TEST_BACKEND_WRAPPER", "tests.engine.faults:hang_on_load_once")
-    monkeypatch.setenv("TING_TEST_HANG_FLAG", str(flag))
+async def test_a_restarted_engine_that_never_becomes_ready_is_killed_and_tried_again(tiny_dir: Path, hang_flag) -> None:  # type: ignore[no-untyped-def]
+    flag = hang_flag("hang_on_load_once")
     engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=2, first_backoff_s=0.2))
     started = time.monotonic()
     await engine.open()
