@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -211,41 +211,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
         audio = args.audio
         if args.interactive and not audio.startswith(("http://", "https://")):
             audio = client.upload(audio)  # once, so follow-up questions do not send it again
-        history = None
-        prompt = args.prompt
-        first = True
-        while True:
-            if args.interactive and not (first and prompt):
-                try:
-                    prompt = input("> ").strip()
-                except EOFError:
-                    print()
-                    return 0
-                if not prompt:
-                    return 0
+        history: list[dict[str, Any]] = []
+        for prompt in _questions(args):
+            first = not history
             deltas = client.chat(
                 prompt or None,
                 audio=audio if first else None,
-                history=history,
+                history=history or None,
                 system=args.system,
                 stream=True,
                 **params,
             )
-            text = ""
-            for delta in deltas:
-                text += delta.text
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            if not args.interactive:
-                return 0
+            text = _print_stream(deltas)
             user = {
                 "role": "user",
                 "content": ([{"audio": audio}] if first else []) + ([{"text": prompt}] if prompt else []),
             }
-            history = [*(history or []), user, {"role": "assistant", "content": [{"text": text}]}]
-            first, prompt = False, None
+            history += [user, {"role": "assistant", "content": [{"text": text}]}]
+        return 0
     except TingError as exc:
         return _client_error("chat", exc, client.base_url)
     except KeyboardInterrupt:
@@ -253,6 +236,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 130
     finally:
         client.close()
+
+
+def _questions(args: argparse.Namespace) -> Iterator[str | None]:
+    """The prompt on the command line; with --interactive, then each line typed, until an empty line or EOF."""
+    if args.prompt or not args.interactive:
+        yield args.prompt
+    while args.interactive:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            return
+        yield line
+
+
+def _print_stream(deltas: Iterable[Any]) -> str:
+    """Print an answer as it streams in; the whole text."""
+    text = ""
+    for delta in deltas:
+        text += delta.text
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
