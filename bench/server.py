@@ -66,6 +66,8 @@ class Result:
     output_tokens: int = 0
     wall_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU time (user + system) per process kind in the run
+    steps: int = 0  # decoding steps the engine ran (the mean batch: output tokens / steps)
 
     @property
     def throughput(self) -> float:
@@ -178,6 +180,29 @@ async def run_http(
     return Result(system, c, c * per_client, tokens, wall, ttft)
 
 
+def cpu_seconds(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by this process (the client, or the in-process engine) and, for a server, by its
+    process, its engine process and its audio decoders."""
+    import psutil
+
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    out = {"bench": used(psutil.Process())}
+    if server_pid is not None:
+        server = psutil.Process(server_pid)
+        out["server"] = used(server)
+        for child in server.children(recursive=True):
+            kind = "engine" if "ting.engine.core" in " ".join(child.cmdline()) else "decoders"
+            out[kind] = out.get(kind, 0.0) + used(child)
+    return out
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,6 +256,9 @@ class Server:
             time.sleep(0.2)
         raise SystemExit("ting serve did not become ready")
 
+    def steps(self) -> int:
+        return int(httpx.get(self.url + "/health", timeout=30).json()["steps"])
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(120)
@@ -271,7 +299,9 @@ def main() -> None:
     engine.start()
     asyncio.run(run_in_process(engine, reqs, 2, 1, 4))  # warm-up: a prefill and batched steps
     for c in levels:
+        before, steps = cpu_seconds(None), engine.stats.steps
         results["in-process", c] = r = asyncio.run(run_in_process(engine, reqs, c, args.per_client, args.max_tokens))
+        r.cpu_s, r.steps = cpu_used(before, cpu_seconds(None)), engine.stats.steps - steps
         print(f"in-process C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
     engine.stop()
     del engine, backend
@@ -287,7 +317,9 @@ def main() -> None:
                 for c in levels:
                     for stream in (True, False):
                         system = f"{prefix}-{'stream' if stream else 'plain'}"
+                        before, steps = cpu_seconds(server.proc.pid), server.steps()
                         r = asyncio.run(run_http(server.url, system, reqs, c, args.per_client, args.max_tokens, stream))
+                        r.cpu_s, r.steps = cpu_used(before, cpu_seconds(server.proc.pid)), server.steps() - steps
                         results[system, c] = r
                         print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
             finally:
@@ -322,6 +354,18 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int], prefi
                 f"({n.throughput / base.throughput:.2f}) |"
             )
         print(row)
+    print()
+    print("CPU ms per request (user + system), by process: where the two cores went")
+    print()
+    print(
+        "| system | C | bench (client / in-process engine) | server | engine process | decoders | total | mean batch |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (system, c), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        per = {k: 1000 * v / r.requests for k, v in r.cpu_s.items()}
+        cells = " | ".join(f"{per[k]:.0f}" if k in per else "" for k in ("bench", "server", "engine", "decoders"))
+        batch = r.output_tokens / r.steps if r.steps else float("nan")
+        print(f"| {system} | {c} | {cells} | {sum(per.values()):.0f} | {batch:.1f} |")
 
 
 if __name__ == "__main__":

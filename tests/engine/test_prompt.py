@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from tests.engine.helpers import clip
 from ting import errors
-from ting.types import AudioPart, Message, TextPart
+from ting.engine.prompt import template_messages
+from ting.engine.qwen2_audio import features_span
+from ting.types import AudioClip, AudioPart, Message, TextPart
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -81,3 +85,32 @@ def test_malformed_conversations_are_bugs_here(engine, messages) -> None:  # typ
 def test_placeholder_tokens_typed_by_a_user_are_refused(engine) -> None:
     with pytest.raises(errors.InvalidParameter):
         engine.backend.prepare((user(TextPart("<|AUDIO|>")),))
+
+
+@pytest.mark.parametrize("seconds", [(0.1,), (2.6,), (7.31, 0.5), (29.99,), (30.0, 3.3, 12.0), (0.0,)])
+def test_features_over_the_clips_span_equal_the_whole_windows_where_the_encoder_reads(engine, seconds) -> None:  # type: ignore[no-untyped-def]
+    """prepare extracts log-mel features over the longest clip and a margin, not the 30 s window: every frame the
+    encoder reads (a clip's own and the next one), the ids and the mask are the processor's own, bit for bit."""
+    rng = np.random.default_rng(len(seconds))
+    samples = []
+    for s in seconds:
+        x = (rng.standard_normal(max(1600, int(s * 16_000))) * rng.uniform(0.001, 0.5)).astype(np.float32)
+        samples.append(x if s else np.zeros(16_000, np.float32))  # silence: the normalisation's floor everywhere
+    messages = (
+        user(
+            *(AudioPart(f"a{i}", AudioClip(x, len(x) / 16_000, False, "wav", "pcm")) for i, x in enumerate(samples)),
+            TextPart("?"),
+        ),
+    )
+    prompt = engine.backend.prepare(messages)
+    shaped, _ = template_messages(messages)
+    processor = engine.backend.inputs.processor
+    text = processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
+    whole = processor(text=text, audio=samples, sampling_rate=16_000, return_tensors="pt")  # the 30 s window
+    assert prompt.token_ids == tuple(whole["input_ids"][0].tolist())
+    assert torch.equal(prompt.inputs["feature_attention_mask"], whole["feature_attention_mask"])
+    assert prompt.inputs["input_features"].shape == whole["input_features"].shape
+    for i, frames in enumerate(whole["feature_attention_mask"].sum(-1).tolist()):
+        read = min(frames + 1, 3000)
+        assert torch.equal(prompt.inputs["input_features"][i, :, :read], whole["input_features"][i, :, :read])
+    assert features_span(16_000 * 30) == 480_000 and features_span(41_600) < 48_000

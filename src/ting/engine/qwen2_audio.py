@@ -352,17 +352,52 @@ class Qwen2AudioInputs:
                 )
         text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
         if clips:
+            samples = [c.samples for c in clips]
             out = self.processor(
-                text=text, audio=[c.samples for c in clips], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+                text=text,
+                audio=samples,
+                sampling_rate=SAMPLE_RATE,
+                audio_kwargs={"max_length": features_span(max(len(x) for x in samples))},
+                return_tensors="pt",
             )
             frames = out["feature_attention_mask"].sum(-1).tolist()
             audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
-            inputs = {"input_features": out["input_features"], "feature_attention_mask": out["feature_attention_mask"]}
+            inputs = _in_window(out["input_features"], out["feature_attention_mask"])
         else:
             out = self.processor(text=text, return_tensors="pt")
             audio_tokens, inputs = (), None
         ids = tuple(out["input_ids"][0].tolist())
         return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
+
+
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # the feature extractor's window: 3000 mel frames
+HOP_SAMPLES = 160
+# Zero samples past a clip's end that make every mel frame the audio encoder reads equal to the window's own: the
+# encoder reads a clip's frames and the next one (tokens of the model's own length function); the STFT's centred
+# frames reach 200 samples (n_fft / 2) either side, and its reflection padding must see zeros as the window's does.
+SPAN_MARGIN_SAMPLES = 5 * HOP_SAMPLES + 400
+
+
+def features_span(longest_samples: int) -> int:
+    """How many samples to extract log-mel features over: the longest clip and a margin, not the 30 s window.
+
+    The feature extractor pads every clip to 30 s and runs its STFT over all of it: for a 2.6 s clip, 90% of the
+    work (and the largest cost of the server process under load: bench/server.py with py-spy) goes to frames the
+    encoder never reads. Over this span, the frames it reads are the same bit for bit (tests/engine/test_prompt.py
+    checks it against the whole window), and the normalisation's maximum is the same (zeros give the floor)."""
+    span = -(-(longest_samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
+    return min(WINDOW_SAMPLES, span)
+
+
+def _in_window(features: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Features and mask over the 30 s window's 3000 frames, as the model's inputs are shaped; the frames past the
+    span are zeros (never read: masked, and past what the encoder reads of each clip)."""
+    window = WINDOW_SAMPLES // HOP_SAMPLES
+    missing = window - features.shape[-1]
+    if missing > 0:
+        features = torch.nn.functional.pad(features, (0, missing))
+        mask = torch.nn.functional.pad(mask, (0, missing))
+    return {"input_features": features, "feature_attention_mask": mask}
 
 
 def limit_threads(threads: int) -> None:
