@@ -104,10 +104,18 @@ uploads = sa.Table(
     sa.Column("object_key", sa.String(1024), primary_key=True),
     sa.Column("owner", sa.String(80), nullable=False),
     sa.Column("model", sa.String(100), nullable=False, server_default=""),
-    sa.Column("path", sa.String(200), nullable=False),  # file name under the uploads directory
+    sa.Column("path", sa.String(200), nullable=False),  # file under the uploads directory; "": in upload_data
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# The bytes of an upload kept in the database itself (PostgreSQL: every replica reads them), deleted with its row.
+upload_data = sa.Table(
+    "upload_data",
+    metadata,
+    sa.Column("object_key", sa.String(1024), sa.ForeignKey("uploads.object_key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
 server_secrets = sa.Table(
