@@ -255,6 +255,26 @@ async def test_a_crashed_servers_reservations_are_released(database_url: str, tm
         await second.close()
 
 
+@pytest.mark.postgres
+async def test_how_long_a_silent_replica_counts_as_alive_is_a_setting(postgres_admin: str, tmp_path: Path) -> None:
+    from tests import postgres
+
+    url = await postgres.create_database(postgres_admin)
+    first = Store(url, home=tmp_path, instance_id="first")
+    second = Store(url, home=tmp_path, instance_id="second", instance_timeout_s=5.0)
+    await first.open(server=True)
+    await second.open(server=True)
+    try:
+        await first.quota.heartbeat(now=1000.0)
+        key, _ = await first.keys.create(quota_tokens=1000)
+        await first.quota.admit(await first.keys.authenticate(key), "lost", model="m", protocol="dashscope")
+        assert await second.quota.recover(now=1004.0) == 0
+        assert await second.quota.recover(now=1006.0) == 1  # not the default 45 s
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_usage_summary_per_key(store: Store) -> None:
     key, info = await store.keys.create(name="team-a")
     who = await store.keys.authenticate(key)

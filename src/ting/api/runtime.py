@@ -32,7 +32,7 @@ from ting.config import Settings
 from ting.engine import EngineClient
 from ting.errors import NotReady
 from ting.service import ChatService, Lifecycle, Models, TranscriptionService
-from ting.store import HEARTBEAT_S, Store
+from ting.store import Store
 
 log = logging.getLogger("ting.server")
 
@@ -57,6 +57,7 @@ class Runtime:
             static_keys=settings.api_key,
             upload_ttl_s=settings.upload_ttl_s,
             instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}",
+            instance_timeout_s=settings.instance_timeout_s,
         )
         self.audio = _audio_loader(settings, self.store.files, resolver)
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
@@ -134,7 +135,7 @@ class Runtime:
     async def _housekeeping(self) -> None:
         last_purge = 0.0
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.settings.instance_heartbeat_s)
             try:
                 await self.store.quota.heartbeat()
                 if self.store.db.dialect == "postgresql":

@@ -32,8 +32,8 @@ from ting.store.keys import Principal
 from ting.types import Usage
 
 WINDOW_S = 60  # requests per minute: counted per whole minute, limited over a sliding one (_count_request)
-HEARTBEAT_S = 10.0  # how often a server says it is alive
-STALE_S = 45.0  # a server silent this long is dead: its reservations are released
+HEARTBEAT_S = 10.0  # how often a server says it is alive (--instance-heartbeat-s)
+STALE_S = 45.0  # a server silent this long is dead: its reservations are released (--instance-timeout-s)
 
 
 def _allowed(rpm: int, previous: int, elapsed: float) -> int:
@@ -63,9 +63,10 @@ class Outcome:
 
 
 class Quota:
-    def __init__(self, db: Database, instance_id: str) -> None:
+    def __init__(self, db: Database, instance_id: str, *, stale_s: float = STALE_S) -> None:
         self.db = db
         self.instance_id = instance_id
+        self.stale_s = stale_s
 
     async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row[Any]:
         query = sa.select(api_keys).where(api_keys.c.id == key_id)
@@ -272,13 +273,13 @@ class Quota:
         """Release reservations left by dead servers; returns how many.
 
         `everyone_else`: every other server is dead (SQLite, where one server owns the database file).
-        Otherwise a server is dead when its heartbeat is older than STALE_S. `starting`: this server has nothing
+        Otherwise a server is dead when its heartbeat is older than `stale_s`. `starting`: this server has nothing
         in flight yet, so whatever is under its own name was left by its previous life (killed, restarted).
         """
         now = time.time() if now is None else now
         async with self.db.write() as conn:
             alive = sa.select(instances.c.id).where(
-                instances.c.heartbeat_at >= now - STALE_S, instances.c.id != self.instance_id
+                instances.c.heartbeat_at >= now - self.stale_s, instances.c.id != self.instance_id
             )
             if everyone_else:
                 query = sa.select(reservations.c.request_id)
