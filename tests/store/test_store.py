@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -273,6 +274,39 @@ async def test_how_long_a_silent_replica_counts_as_alive_is_a_setting(postgres_a
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.postgres
+async def test_a_heartbeat_never_waits_behind_requests_for_a_connection(postgres_admin: str, tmp_path: Path) -> None:
+    """Every pooled connection busy (as under 200 requests on one key): the heartbeat still gets through, so that
+    the other replicas do not take this one for dead and release what it is serving."""
+    from tests import postgres
+    from ting.store.db import instances
+
+    url = await postgres.create_database(postgres_admin)
+    store = Store(url, home=tmp_path, instance_id="busy")
+    await store.open(server=True)
+    held: list[Any] = []
+    try:
+        pool = store.db.engine.pool
+        for _ in range(pool.size() + store.db.engine.pool._max_overflow):  # type: ignore[attr-defined]
+            conn = await store.db.engine.connect()
+            await conn.begin()
+            held.append(conn)
+        beat = asyncio.create_task(store.quota.heartbeat(now=5000.0))
+        done, _ = await asyncio.wait({beat}, timeout=120)  # the pool's own wait gives up after 30 s
+        assert done, "the heartbeat did not finish"
+        beat.result()
+        other = Store(url, home=tmp_path)
+        try:
+            rows = await other.db.read(sa.select(instances.c.heartbeat_at).where(instances.c.id == "busy"))
+        finally:
+            await other.close()
+        assert [r.heartbeat_at for r in rows] == [5000.0]
+    finally:
+        for conn in held:
+            await conn.close()
+        await store.close()
 
 
 async def test_usage_summary_per_key(store: Store) -> None:

@@ -94,6 +94,7 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         await self.store.open(server=True)
         await self.audio.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         if self.engine is not None:
             self._become_ready()
@@ -132,12 +133,20 @@ class Runtime:
             "model ready: %s on %s (%s)", info.get("path", self.settings.model), info.get("device"), info.get("dtype")
         )
 
+    async def _heartbeat(self) -> None:
+        """Tell replicas this server is alive: a task of its own, so that slow housekeeping never delays it."""
+        while True:
+            await asyncio.sleep(self.settings.instance_heartbeat_s)
+            try:
+                await self.store.quota.heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
     async def _housekeeping(self) -> None:
         last_purge = 0.0
         while True:
             await asyncio.sleep(self.settings.instance_heartbeat_s)
             try:
-                await self.store.quota.heartbeat()
                 if self.store.db.dialect == "postgresql":
                     await self.store.quota.recover()
                 if time.monotonic() - last_purge > PURGE_EVERY_S:
