@@ -7,8 +7,9 @@ addresses, its listen line and its access log's path replaced. Through nginx:
 - the DashScope SDK's file:// example works whichever replica takes each call: nginx's access log shows the upload
   received by one replica and the generation served by the other, in both orders;
 - 200 requests at once on a key with room for exactly 10 give exactly 10 answers, across both replicas;
-- a replica killed with kill -9 mid-load: the streams on the other one end as they should, nginx sends the next
-  requests to the survivor, and the survivor releases the dead one's reservations once its heartbeat is stale.
+- a replica killed with kill -9 mid-load: the requests on the other one end as they should, a plain request the
+  dead one held gets nginx's 503 in DashScope's envelope, nginx sends the next requests to the survivor, and the
+  survivor releases the dead one's reservations once its heartbeat is stale.
 """
 
 from __future__ import annotations
@@ -306,22 +307,44 @@ class Stream(threading.Thread):
             self.cut = exc
 
 
+class Plain(threading.Thread):
+    """One DashScope request without streaming through nginx; keeps its response."""
+
+    def __init__(self, url: str, key: str, audio: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.key, self.audio = url, key, audio
+        self.response: httpx.Response | None = None
+
+    def run(self) -> None:
+        self.response = httpx.post(
+            self.url + GENERATION,
+            json=body(self.audio, 600, temperature=0),
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=120,
+        )
+
+
 def test_a_replica_killed_mid_load_is_routed_around_and_its_reservations_released_by_the_survivor(
     cluster: Cluster, wav: str
 ) -> None:
     streams = [Stream(cluster.url, cluster.key, wav, seed) for seed in range(4)]
-    for s in streams:
-        s.start()
-    wait_until(lambda: all(s.request_id and s.events for s in streams), "every stream's first event")
+    plain = [Plain(cluster.url, cluster.key, wav) for _ in range(2)]
+    for t in [*streams, *plain]:
+        t.start()
 
     def placed() -> dict[str, str]:
         rows = cluster.db(lambda store: store.db.read(sa.select(reservations.c.request_id, reservations.c.instance_id)))
         return {r.request_id: r.instance_id for r in rows}
 
-    where = placed()  # each stream's reservation names the replica it runs on, while it is in flight
-    assert set(where) == {s.request_id for s in streams} and set(where.values()) == set(REPLICAS), where
-    # (600 tokens each: the tiny model on a CPU is far from finishing any of them by now)
-    victim, survivor = REPLICAS
+    wait_until(lambda: all(s.request_id and s.events for s in streams), "every stream's first event")
+    wait_until(lambda: len(placed()) == 6, "every request admitted")
+    # Each request's reservation names the replica it runs on, while it is in flight (600 tokens each: the tiny
+    # model on a CPU is far from finishing any of them by now). The victim is one that holds a plain request.
+    where = placed()
+    plain_ids = set(where) - {s.request_id for s in streams}
+    victim = min(where[rid] for rid in plain_ids)
+    (survivor,) = set(REPLICAS) - {victim}
+    assert any(where[s.request_id] == survivor for s in streams), f"no stream on the survivor: {where}"
     cluster.replicas[victim].stop(signal.SIGKILL)
 
     # nginx routes around the dead replica: every new request is answered, by the survivor
@@ -342,14 +365,22 @@ def test_a_replica_killed_mid_load_is_routed_around_and_its_reservations_release
     wait_until(lambda: len([h for h in cluster.hops() if h.request_id in after]) == 4, "the log lines after the kill")
     assert answered_by() == {survivor}
 
-    # the clients on the survivor see nothing: their streams end as streams end
-    for s in streams:
-        s.join(120)
-        assert not s.is_alive()
+    # the clients on the survivor see nothing: their requests end as they should
+    for t in [*streams, *plain]:
+        t.join(120)
+        assert not t.is_alive()
     on_survivor = [s for s in streams if where[s.request_id] == survivor]
     for s in on_survivor:
         assert s.cut is None and all(kind != "error" for kind, _ in s.events), (s.cut, s.events[-1:])
         assert s.events[-1][1]["output"]["choices"][0]["finish_reason"] in ("stop", "length")
+    # a plain request the dead replica held gets nginx's 503 in DashScope's envelope; one on the survivor, its answer
+    responses = [p.response for p in plain if p.response is not None]
+    assert sorted(r.status_code for r in responses) == sorted(503 if where[rid] == victim else 200 for rid in plain_ids)
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["code"] == "ServiceUnavailable" and r.headers["retry-after"] == "5"
+        else:
+            assert r.headers["x-request-id"] in plain_ids and where[r.headers["x-request-id"]] == survivor
 
     # the survivor releases the dead replica's reservations once its heartbeat is stale (--instance-timeout-s)
     wait_until(lambda: victim not in placed().values(), "the dead replica's reservations released", timeout_s=90)
@@ -359,7 +390,6 @@ def test_a_replica_killed_mid_load_is_routed_around_and_its_reservations_release
         return {r.request_id: (r.status, r.error_code) for r in rows}, (await store.keys.list())
 
     by_id, keys = cluster.db(outcomes)
-    for s in streams:
-        expected = ("ok", None) if where[s.request_id] == survivor else ("interrupted", "ServerRestarted")
-        assert by_id[s.request_id] == expected
+    for rid, replica in where.items():
+        assert by_id[rid] == (("ok", None) if replica == survivor else ("interrupted", "ServerRestarted"))
     assert all(k.reserved_tokens == 0 for k in keys)
