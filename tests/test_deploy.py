@@ -231,6 +231,29 @@ def test_the_sdks_file_example_works_whichever_replica_takes_each_call(
     assert both_ways <= orders, f"the upload and the generation were not on different replicas both ways: {orders}"
 
 
+@pytest.mark.parametrize(
+    ("over_bytes", "statuses"),
+    # just over Ting's limit: Ting's own answers (DashScope's 400, OpenAI's 413); over nginx's margin too: nginx's
+    [(1, (400, 413)), (1024 * 1024 + 1, (413, 413))],
+)
+def test_a_body_over_the_limit_is_refused_in_the_protocols_envelope(
+    cluster: Cluster, over_bytes: int, statuses: tuple[int, int]
+) -> None:
+    """nginx's body limit sits 1 MiB above Ting's --max-request-bytes (32 MiB): a body just over Ting's limit gets
+    Ting's own refusal; a larger one, nginx's, in the same envelope."""
+    too_large = b"{" + b" " * (32 * 1024 * 1024 + over_bytes) + b"}"
+    paths = ((GENERATION, "BadRequest.TooLarge"), ("/v1/chat/completions", "payload_too_large"))
+    for (path, code), status in zip(paths, statuses, strict=True):
+        r = httpx.post(
+            cluster.url + path,
+            content=too_large,
+            headers={"Authorization": f"Bearer {cluster.key}", "Content-Type": "application/json"},
+            timeout=120,
+        )
+        assert (r.status_code, r.headers["content-type"]) == (status, "application/json"), (r, r.text[:300])
+        assert (r.json()["code"] if path == GENERATION else r.json()["error"]["code"]) == code
+
+
 def test_two_hundred_at_once_against_room_for_exactly_ten_across_both_replicas(cluster: Cluster, wav: str) -> None:
     small = body(wav, 4, temperature=0)
     calibration = httpx.post(
