@@ -108,6 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0 < 3 * settings.instance_heartbeat_s <= settings.instance_timeout_s:
+        print(
+            f"ting: --instance-timeout-s ({settings.instance_timeout_s:g}) must be at least 3 heartbeats "
+            f"(--instance-heartbeat-s {settings.instance_heartbeat_s:g}): a live replica must not be taken for dead.",
+            file=sys.stderr,
+        )
+        return 2
     if settings.load_format not in ("auto", "dummy"):
         print(
             f"ting: unknown --load-format {settings.load_format!r}: use auto (the checkpoint's weights) or dummy "

@@ -152,6 +152,14 @@ class Settings:
         "This server's name among replicas sharing a database. Default: host:port, so a "
         "restarted server releases what it left in flight at once.",
     )
+    instance_heartbeat_s: float = _opt(
+        10.0, "Seconds between this server's heartbeats in the database (how replicas tell it is alive)."
+    )
+    instance_timeout_s: float = _opt(
+        45.0,
+        "Seconds without a heartbeat after which a replica sharing the database is taken for dead and its "
+        "requests in flight are released (charged nothing, recorded as interrupted). At least 3 heartbeats.",
+    )
     require_oss_resolve: bool = _opt(
         True,
         "Refuse oss:// audio unless the request carries X-DashScope-OssResourceResolve: enable, as DashScope does.",

@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from tests.api.conftest import LiveServer, live_server
+from ting.store.db import upload_data
 
 DEADLINE_S = 60.0
 BOUNDARY = "ting-test-boundary"
@@ -118,6 +120,11 @@ def spooled(home: Path) -> list[Path]:
     return list(root.iterdir()) if root.exists() else []
 
 
+def kept(server: LiveServer, home: Path) -> int:
+    """Objects kept: files in the uploads directory (SQLite) and rows of upload_data (PostgreSQL)."""
+    return len(spooled(home)) + len(server.run(server.runtime.store.db.read(sa.select(upload_data.c.object_key))))
+
+
 # --- item 4: refusals before the file is read; uploads in flight are bounded -----------------------------------
 
 
@@ -189,7 +196,7 @@ def test_stored_bytes_are_capped_per_key(engine: Any, tmp_path: Path, database_u
         over = upload(get_policy(s, "sk-alice"), "b.wav", bytes(60_000))
         assert over.status_code == 403 and over.json()["code"] == "QuotaExceeded"
         assert upload(get_policy(s, "sk-bob"), "b.wav", bytes(60_000)).status_code == 200  # per key
-        assert len(spooled(tmp_path)) == 2
+        assert kept(s, tmp_path) == 2
 
 
 def test_a_revoked_keys_policy_no_longer_uploads(engine: Any, tmp_path: Path, database_url: str) -> None:
@@ -200,4 +207,4 @@ def test_a_revoked_keys_policy_no_longer_uploads(engine: Any, tmp_path: Path, da
         s.run(s.runtime.store.keys.revoke(info.id))
         r = upload(cert, "b.wav", b"RIFF" * 10)
         assert r.status_code == 403 and r.json()["code"] == "InvalidAccessKeyId"
-        assert len(spooled(tmp_path)) == 1
+        assert kept(s, tmp_path) == 1

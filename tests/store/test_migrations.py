@@ -45,7 +45,13 @@ def describe(sync: sa.Connection | sa.MetaData) -> dict[str, Any]:
 
 def _family(kind: Any) -> str:
     """The kind of a column type, as both databases report it back (VARCHAR(40) and String(40) alike)."""
-    for family, types in (("integer", (sa.Integer,)), ("float", (sa.Float,)), ("text", (sa.String, sa.Text))):
+    families: tuple[tuple[str, tuple[type[Any], ...]], ...] = (
+        ("integer", (sa.Integer,)),
+        ("float", (sa.Float,)),
+        ("text", (sa.String, sa.Text)),
+        ("binary", (sa.LargeBinary,)),  # BLOB on SQLite, BYTEA on PostgreSQL
+    )
+    for family, types in families:
         if isinstance(kind, types):
             return family + (f"({kind.length})" if isinstance(kind, sa.String) and kind.length else "")
     return type(kind).__name__

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ting import errors
 from ting.store import Outcome, Store
-from ting.store.db import api_keys, ledger, reservations, uploads
+from ting.store.db import api_keys, ledger, reservations, upload_data, uploads
 from ting.store.quota import WINDOW_S
 from ting.types import Usage
 
@@ -254,6 +256,59 @@ async def test_a_crashed_servers_reservations_are_released(database_url: str, tm
         await second.close()
 
 
+@pytest.mark.postgres
+async def test_how_long_a_silent_replica_counts_as_alive_is_a_setting(postgres_admin: str, tmp_path: Path) -> None:
+    from tests import postgres
+
+    url = await postgres.create_database(postgres_admin)
+    first = Store(url, home=tmp_path, instance_id="first")
+    second = Store(url, home=tmp_path, instance_id="second", instance_timeout_s=5.0)
+    await first.open(server=True)
+    await second.open(server=True)
+    try:
+        await first.quota.heartbeat(now=1000.0)
+        key, _ = await first.keys.create(quota_tokens=1000)
+        await first.quota.admit(await first.keys.authenticate(key), "lost", model="m", protocol="dashscope")
+        assert await second.quota.recover(now=1004.0) == 0
+        assert await second.quota.recover(now=1006.0) == 1  # not the default 45 s
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.postgres
+async def test_a_heartbeat_never_waits_behind_requests_for_a_connection(postgres_admin: str, tmp_path: Path) -> None:
+    """Every pooled connection busy (as under 200 requests on one key): the heartbeat still gets through, so that
+    the other replicas do not take this one for dead and release what it is serving."""
+    from tests import postgres
+    from ting.store.db import instances
+
+    url = await postgres.create_database(postgres_admin)
+    store = Store(url, home=tmp_path, instance_id="busy")
+    await store.open(server=True)
+    held: list[Any] = []
+    try:
+        pool = store.db.engine.pool
+        for _ in range(pool.size() + store.db.engine.pool._max_overflow):  # type: ignore[attr-defined]
+            conn = await store.db.engine.connect()
+            await conn.begin()
+            held.append(conn)
+        beat = asyncio.create_task(store.quota.heartbeat(now=5000.0))
+        done, _ = await asyncio.wait({beat}, timeout=120)  # the pool's own wait gives up after 30 s
+        assert done, "the heartbeat did not finish"
+        beat.result()
+        other = Store(url, home=tmp_path)
+        try:
+            rows = await other.db.read(sa.select(instances.c.heartbeat_at).where(instances.c.id == "busy"))
+        finally:
+            await other.close()
+        assert [r.heartbeat_at for r in rows] == [5000.0]
+    finally:
+        for conn in held:
+            await conn.close()
+        await store.close()
+
+
 async def test_usage_summary_per_key(store: Store) -> None:
     key, info = await store.keys.create(name="team-a")
     who = await store.keys.authenticate(key)
@@ -271,17 +326,79 @@ async def test_usage_summary_per_key(store: Store) -> None:
 # --- uploads -------------------------------------------------------------------------------------------------
 
 
+async def kept_objects(store: Store) -> int:
+    """Uploaded objects kept: files in the uploads directory (SQLite) plus rows of upload_data (PostgreSQL)."""
+    root = store.files.root
+    files = [p for p in root.iterdir() if not p.name.startswith(".")] if root.exists() else []
+    return len(files) + len(await store.db.read(sa.select(upload_data.c.object_key)))
+
+
+async def test_where_uploaded_bytes_live_follows_the_database(store: Store) -> None:
+    """SQLite (one server): a file in the data directory. PostgreSQL (replicas): the database, no file."""
+    temp = store.files.temp_path()
+    temp.write_bytes(b"RIFF data")
+    await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m", temp=temp, size=9)
+    files = [p for p in store.files.root.iterdir() if not p.name.startswith(".")]
+    in_database = await store.db.read(sa.select(upload_data))
+    if store.db.dialect == "sqlite":
+        assert [p.read_bytes() for p in files] == [b"RIFF data"] and in_database == []
+    else:
+        assert files == [] and [bytes(r.data) for r in in_database] == [b"RIFF data"]
+    assert not temp.exists()
+    assert await store.files.read_object("dashscope-instant/a/b.wav", owner="alice") == b"RIFF data"
+
+
+@pytest.mark.postgres
+async def test_an_upload_on_one_replica_is_read_by_another_and_purged_by_either(
+    postgres_admin: str, tmp_path: Path
+) -> None:
+    from tests import postgres
+
+    url = await postgres.create_database(postgres_admin)
+    a = Store(url, home=tmp_path / "a", instance_id="a")
+    b = Store(url, home=tmp_path / "b", instance_id="b")  # its own data directory, as on another machine
+    await a.open(server=True)
+    await b.open(server=True)
+    try:
+        temp = a.files.temp_path()
+        temp.write_bytes(b"RIFF" + bytes(range(256)) * 40)
+        await a.files.commit("dashscope-instant/o/x.wav", owner="alice", model="m", temp=temp, size=10244, now=1000.0)
+        read = b.files.read_object("dashscope-instant/o/x.wav", owner="alice")
+        with pytest.raises(errors.DownloadFailed):  # created at t=1000, kept 48 h: expired
+            await read
+        temp = a.files.temp_path()
+        temp.write_bytes(b"RIFF" + bytes(range(256)) * 40)
+        await a.files.commit("dashscope-instant/o/y.wav", owner="alice", model="m", temp=temp, size=10244)
+        assert await b.files.read_object("dashscope-instant/o/y.wav", owner="alice") == b"RIFF" + bytes(range(256)) * 40
+        with pytest.raises(errors.DownloadFailed):
+            await b.files.read_object("dashscope-instant/o/y.wav", owner="mallory")
+        with pytest.raises(errors.UploadRejected) as full:  # the key's stored bytes count on every replica
+            await b.files.check_room(
+                "dashscope-instant/o2", owner="alice", size=1, max_owner_bytes=10244, max_objects=8
+            )
+        assert full.value.code == "QuotaExceeded"
+        assert await b.files.purge() == 1  # the expired one, bytes and all
+        keys = [r.object_key for r in await a.db.read(sa.select(upload_data.c.object_key))]
+        assert keys == ["dashscope-instant/o/y.wav"]
+        assert [p.name for p in (tmp_path / "a" / "uploads").iterdir()] == []  # no file on either replica's disk
+        assert await b.files.purge(now=time.time() + 49 * 3600) == 1
+        assert await kept_objects(a) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_uploads_are_bound_to_their_owner_and_expire(store: Store) -> None:
     temp = store.files.temp_path()
     temp.write_bytes(b"RIFF data")
     await store.files.commit("dashscope-instant/a/b.wav", owner="alice", model="m", temp=temp, size=9, now=1000.0)
-    assert list(store.files.root.iterdir()) and "b.wav" not in [p.name for p in store.files.root.iterdir()]
+    assert await kept_objects(store) == 1 and "b.wav" not in [p.name for p in store.files.root.iterdir()]
     with pytest.raises(errors.DownloadFailed):
         await store.files.read_object("dashscope-instant/a/b.wav", owner="mallory")
     with pytest.raises(errors.DownloadFailed):  # created at t=1000, kept 48 h: long gone
         await store.files.read_object("dashscope-instant/a/b.wav", owner="alice")
     assert await store.files.purge() == 1
-    assert not [p for p in store.files.root.iterdir() if not p.name.startswith(".")]
+    assert await kept_objects(store) == 0
 
 
 async def test_a_failed_upload_commit_leaves_no_file(store: Store) -> None:
@@ -298,7 +415,8 @@ async def test_a_failed_upload_commit_leaves_no_file(store: Store) -> None:
     )
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], errors.UploadRejected) and refused[0].status == 409
-    assert len(list(store.files.root.iterdir())) == 1  # the kept file; no orphan, no temp left
+    assert await kept_objects(store) == 1  # the kept object; no orphan
+    assert [p.name for p in store.files.root.iterdir() if p.name.startswith(".")] == []  # no temp left
 
 
 async def test_an_upload_whose_transaction_fails_leaves_no_file(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,7 +436,7 @@ async def test_an_upload_whose_transaction_fails_leaves_no_file(store: Store, mo
     monkeypatch.undo()
     assert list(store.files.root.iterdir()) == []
     rows = await store.db.read(sa.select(uploads))
-    assert rows == []
+    assert rows == [] and await kept_objects(store) == 0
 
 
 async def test_every_string_the_database_sees_is_bounded_and_clean(store: Store) -> None:

@@ -39,7 +39,7 @@ from ting.engine import Engine, EngineClient
 from ting.engine.process import EngineOptions, RemoteEngine
 from ting.errors import NotReady
 from ting.service import ChatService, Lifecycle, Models, TranscriptionService
-from ting.store import HEARTBEAT_S, Store
+from ting.store import Store
 
 log = logging.getLogger("ting.server")
 
@@ -65,6 +65,7 @@ class Runtime:
             static_keys=settings.api_key,
             upload_ttl_s=settings.upload_ttl_s,
             instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}",
+            instance_timeout_s=settings.instance_timeout_s,
         )
         self.metrics = Metrics(lambda: self.engine, settings.max_batch_size)
         self.metrics_access = Access(settings.metrics_key, self.store.keys.open)
@@ -104,6 +105,7 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         await self.store.open(server=True)
         await self.audio.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         if self.engine is not None:
             self._become_ready()
@@ -142,12 +144,20 @@ class Runtime:
             "model ready: %s on %s (%s)", info.get("path", self.settings.model), info.get("device"), info.get("dtype")
         )
 
+    async def _heartbeat(self) -> None:
+        """Tell replicas this server is alive: a task of its own, so that slow housekeeping never delays it."""
+        while True:
+            await asyncio.sleep(self.settings.instance_heartbeat_s)
+            try:
+                await self.store.quota.heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
     async def _housekeeping(self) -> None:
         last_purge = 0.0
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.settings.instance_heartbeat_s)
             try:
-                await self.store.quota.heartbeat()
                 if self.store.db.dialect == "postgresql":
                     await self.store.quota.recover()
                 if time.monotonic() - last_purge > PURGE_EVERY_S:

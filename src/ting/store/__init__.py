@@ -15,7 +15,7 @@ from ting.store.db import Database, server_secrets
 from ting.store.files import FileStore
 from ting.store.keys import KeyInfo, Keys, Principal
 from ting.store.ledger import Ledger, UsageSummary
-from ting.store.quota import HEARTBEAT_S, Outcome, Quota
+from ting.store.quota import HEARTBEAT_S, STALE_S, Outcome, Quota
 
 __all__ = [
     "HEARTBEAT_S",
@@ -47,12 +47,13 @@ class Store:
         static_keys: tuple[str, ...] = (),
         upload_ttl_s: float = 48 * 3600,
         instance_id: str | None = None,
+        instance_timeout_s: float = STALE_S,
     ) -> None:
         self.home = home
         self.db = Database(url)
         self.instance_id = instance_id or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}"
         self.keys = Keys(self.db, static_keys)
-        self.quota = Quota(self.db, self.instance_id)
+        self.quota = Quota(self.db, self.instance_id, stale_s=instance_timeout_s)
         self.ledger = Ledger(self.db)
         self.files = FileStore(self.db, home / "uploads", ttl_s=upload_ttl_s)
         self._lock: IO[str] | None = None

@@ -104,10 +104,18 @@ uploads = sa.Table(
     sa.Column("object_key", sa.String(1024), primary_key=True),
     sa.Column("owner", sa.String(80), nullable=False),
     sa.Column("model", sa.String(100), nullable=False, server_default=""),
-    sa.Column("path", sa.String(200), nullable=False),  # file name under the uploads directory
+    sa.Column("path", sa.String(200), nullable=False),  # file under the uploads directory; "": in upload_data
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# The bytes of an upload kept in the database itself (PostgreSQL: every replica reads them), deleted with its row.
+upload_data = sa.Table(
+    "upload_data",
+    metadata,
+    sa.Column("object_key", sa.String(1024), sa.ForeignKey("uploads.object_key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
 server_secrets = sa.Table(
@@ -141,6 +149,7 @@ class Database:
         self.url = async_url(url)
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         self._writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._aside: AsyncEngine | None = None  # PostgreSQL: one connection of its own, for the heartbeat
         if self.dialect == "sqlite":
             path = sa.engine.make_url(self.url).database
             if path and path != ":memory:":
@@ -190,12 +199,31 @@ class Database:
         async with lock, self.engine.begin() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def write_aside(self) -> AsyncIterator[AsyncConnection]:
+        """A short write transaction that never queues behind the requests' transactions for a connection.
+
+        PostgreSQL: a connection of its own. Under load every pooled connection can be waiting on a busy key's
+        row; a heartbeat queued behind them would make its replica look dead to the others, which would then
+        release requests it is still serving. SQLite: an ordinary write (one server; nobody judges its heartbeat).
+        """
+        if self.dialect == "sqlite":
+            async with self.write() as conn:
+                yield conn
+            return
+        if self._aside is None:
+            self._aside = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        async with self._aside.begin() as conn:
+            yield conn
+
     async def read(self, statement: Any) -> list[Any]:
         async with self.engine.connect() as conn:
             return list(await conn.execute(statement))
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._aside is not None:
+            await self._aside.dispose()
 
 
 def bounded(text: str, max_chars: int) -> str:

@@ -1,8 +1,12 @@
 """Uploaded files behind oss:// keys (the DashScope SDK's file:// flow), kept 48 hours.
 
-Bytes live on disk under the data directory, each in a file with a random name (the client's file name is
-never a path here); the database maps the object key to that file and to the key that uploaded it. Only
-that key can use it. As on OSS with x-oss-forbid-overwrite, a key is written once.
+Where the bytes live follows the database. On SQLite (one server) they live on disk under the data directory,
+each in a file with a random name (the client's file name is never a path here). On PostgreSQL (replicas) they
+live in the database itself (table upload_data, one row per object, deleted with its upload row), so that an
+upload received by one replica is read by whichever replica serves the generation. The uploads table maps the
+object key to its bytes and to the key that uploaded it; only that key can use it. As on OSS with
+x-oss-forbid-overwrite, a key is written once. Expired uploads are purged; what one API key keeps at once is
+bounded by --upload-quota-bytes either way.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ting.errors import DownloadFailed, UploadRejected
-from ting.store.db import MODEL_COLUMN_CHARS, Database, bounded, private_dir, uploads
+from ting.store.db import MODEL_COLUMN_CHARS, Database, bounded, private_dir, upload_data, uploads
 
 log = logging.getLogger("ting.store")
 
@@ -30,10 +34,13 @@ def _already_exists() -> UploadRejected:
 
 
 class FileStore:
-    def __init__(self, db: Database, root: Path, *, ttl_s: float) -> None:
+    def __init__(self, db: Database, root: Path, *, ttl_s: float, in_database: bool | None = None) -> None:
+        """`root`: the uploads directory (uploads in progress always, the kept bytes on SQLite).
+        `in_database`: keep the bytes in the database; by default on PostgreSQL, where replicas share it."""
         self.db = db
         self.root = root
         self.ttl_s = ttl_s
+        self.in_database = db.dialect == "postgresql" if in_database is None else in_database
 
     def temp_path(self) -> Path:
         """A fresh file for an upload in progress (same file system as its final place)."""
@@ -118,10 +125,11 @@ class FileStore:
         """Keep an uploaded file (written to `temp`) under `object_key`. A commit that fails leaves no file.
 
         With `policy_dir` and `max_owner_bytes`, the policy's object count and the owner's stored bytes are
-        checked again inside the transaction (one owner's commits take turns on PostgreSQL)."""
+        checked again inside the transaction (one owner's commits take turns on PostgreSQL). In the database,
+        the bytes are written in the same transaction as their row; on disk, the file is moved into place."""
         now = time.time() if now is None else now
-        name = secrets.token_hex(16)
-        kept = self.root / name
+        name = "" if self.in_database else secrets.token_hex(16)
+        kept = self.root / name if name else None
         try:
             async with self.db.write() as conn:
                 if self.db.dialect == "postgresql":
@@ -130,7 +138,7 @@ class FileStore:
                 if existing is not None and existing.expires_at > now:
                     raise _already_exists()
                 if existing is not None:
-                    await conn.execute(uploads.delete().where(uploads.c.object_key == object_key))
+                    await self._delete(conn, [object_key])
                     self._unlink(existing.path)
                 if policy_dir is not None and max_owner_bytes is not None:
                     await self._check_room(
@@ -153,12 +161,17 @@ class FileStore:
                         expires_at=now + self.ttl_s,
                     )
                 )
-                await asyncio.to_thread(os.replace, temp, kept)
+                if self.in_database:
+                    data = await asyncio.to_thread(temp.read_bytes)
+                    await conn.execute(upload_data.insert().values(object_key=object_key, data=data))
+                else:
+                    assert kept is not None
+                    await asyncio.to_thread(os.replace, temp, kept)
         except sa.exc.IntegrityError:  # PostgreSQL: another upload of the same key committed first
-            kept.unlink(missing_ok=True)
+            self._unlink(name)
             raise _already_exists() from None
         except BaseException:
-            kept.unlink(missing_ok=True)
+            self._unlink(name)
             raise
         finally:
             temp.unlink(missing_ok=True)
@@ -172,6 +185,11 @@ class FileStore:
                 "Failed to download multimodal content: no such uploaded file for this API key "
                 "(uploads are kept 48 hours)."
             )
+        if not rows[0].path:  # in the database
+            data = await self.db.read(sa.select(upload_data.c.data).where(upload_data.c.object_key == key))
+            if not data:
+                raise DownloadFailed()
+            return bytes(data[0].data)
         try:
             return await asyncio.to_thread((self.root / rows[0].path).read_bytes)
         except OSError:
@@ -185,12 +203,22 @@ class FileStore:
                 await conn.execute(sa.select(uploads.c.object_key, uploads.c.path).where(uploads.c.expires_at <= now))
             )
             if expired:
-                await conn.execute(uploads.delete().where(uploads.c.expires_at <= now))
+                await self._delete(conn, [row.object_key for row in expired])
         for row in expired:
             self._unlink(row.path)
         return len(expired)
 
+    @staticmethod
+    async def _delete(conn: AsyncConnection, object_keys: list[str]) -> None:
+        """Delete uploads and the bytes kept in the database for them (also its foreign key's cascade)."""
+        for start in range(0, len(object_keys), 500):
+            batch = object_keys[start : start + 500]
+            await conn.execute(upload_data.delete().where(upload_data.c.object_key.in_(batch)))
+            await conn.execute(uploads.delete().where(uploads.c.object_key.in_(batch)))
+
     def _unlink(self, name: str) -> None:
+        if not name:  # the bytes were in the database
+            return
         try:
             (self.root / name).unlink()
         except FileNotFoundError:

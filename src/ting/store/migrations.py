@@ -108,6 +108,24 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
     await conn.run_sync(schema.create_all)
 
 
+async def v2_upload_data(conn: AsyncConnection) -> None:
+    """Uploaded bytes in the database, so that replicas sharing PostgreSQL read each other's uploads (Ting 0.2)."""
+    schema = sa.MetaData()
+    sa.Table(  # the parent, as migration 1 left it, for the foreign key only (not created here)
+        "uploads", schema, sa.Column("object_key", sa.String(1024), primary_key=True)
+    )
+    upload_data = sa.Table(
+        "upload_data",
+        schema,
+        sa.Column(
+            "object_key", sa.String(1024), sa.ForeignKey("uploads.object_key", ondelete="CASCADE"), primary_key=True
+        ),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+    )
+    await conn.run_sync(lambda sync: schema.create_all(sync, tables=[upload_data]))
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", v1_initial_schema),
+    (2, "upload bytes in the database", v2_upload_data),
 ]

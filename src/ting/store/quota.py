@@ -32,8 +32,8 @@ from ting.store.keys import Principal
 from ting.types import Usage
 
 WINDOW_S = 60  # requests per minute: counted per whole minute, limited over a sliding one (_count_request)
-HEARTBEAT_S = 10.0  # how often a server says it is alive
-STALE_S = 45.0  # a server silent this long is dead: its reservations are released
+HEARTBEAT_S = 10.0  # how often a server says it is alive (--instance-heartbeat-s)
+STALE_S = 45.0  # a server silent this long is dead: its reservations are released (--instance-timeout-s)
 
 
 def _allowed(rpm: int, previous: int, elapsed: float) -> int:
@@ -63,9 +63,10 @@ class Outcome:
 
 
 class Quota:
-    def __init__(self, db: Database, instance_id: str) -> None:
+    def __init__(self, db: Database, instance_id: str, *, stale_s: float = STALE_S) -> None:
         self.db = db
         self.instance_id = instance_id
+        self.stale_s = stale_s
 
     async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row[Any]:
         query = sa.select(api_keys).where(api_keys.c.id == key_id)
@@ -217,8 +218,16 @@ class Quota:
         async with self.db.write() as conn:
             return await self._settle(conn, request_id, outcome, time.time() if now is None else now)
 
-    async def _settle(self, conn: AsyncConnection, request_id: str, outcome: Outcome, now: float) -> bool:
-        query = sa.select(reservations).where(reservations.c.request_id == request_id)
+    async def _settle(
+        self,
+        conn: AsyncConnection,
+        request_id: str,
+        outcome: Outcome,
+        now: float,
+        *,
+        only_if: list[sa.ColumnElement[bool]] | None = None,
+    ) -> bool:
+        query = sa.select(reservations).where(reservations.c.request_id == request_id, *(only_if or []))
         if self.db.for_update:
             query = query.with_for_update()
         held = (await conn.execute(query)).first()
@@ -261,7 +270,7 @@ class Quota:
 
     async def heartbeat(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        async with self.db.write() as conn:
+        async with self.db.write_aside() as conn:
             updated = await conn.execute(
                 instances.update().where(instances.c.id == self.instance_id).values(heartbeat_at=now)
             )
@@ -272,27 +281,31 @@ class Quota:
         """Release reservations left by dead servers; returns how many.
 
         `everyone_else`: every other server is dead (SQLite, where one server owns the database file).
-        Otherwise a server is dead when its heartbeat is older than STALE_S. `starting`: this server has nothing
+        Otherwise a server is dead when its heartbeat is older than `stale_s`. `starting`: this server has nothing
         in flight yet, so whatever is under its own name was left by its previous life (killed, restarted).
+
+        Each orphan is released in a transaction of its own, and only if it is still an orphan then: a transaction
+        that held one request's key row while it waited for another request's reservation could deadlock with
+        that request's own settlement.
         """
         now = time.time() if now is None else now
-        async with self.db.write() as conn:
+        orphaned: list[sa.ColumnElement[bool]] = []
+        if not everyone_else:
             alive = sa.select(instances.c.id).where(
-                instances.c.heartbeat_at >= now - STALE_S, instances.c.id != self.instance_id
+                instances.c.heartbeat_at >= now - self.stale_s, instances.c.id != self.instance_id
             )
-            if everyone_else:
-                query = sa.select(reservations.c.request_id)
-                if not starting:
-                    query = query.where(reservations.c.instance_id != self.instance_id)
-            else:
-                query = sa.select(reservations.c.request_id).where(reservations.c.instance_id.not_in(alive))
-                if not starting:
-                    query = query.where(reservations.c.instance_id != self.instance_id)
-            orphans = [row.request_id for row in await conn.execute(query)]
-            for request_id in orphans:
-                await self._settle(conn, request_id, Outcome("interrupted", error_code="ServerRestarted"), now)
+            orphaned.append(reservations.c.instance_id.not_in(alive))
+        if not starting:
+            orphaned.append(reservations.c.instance_id != self.instance_id)
+        orphans = [row.request_id for row in await self.db.read(sa.select(reservations.c.request_id).where(*orphaned))]
+        released = 0
+        for request_id in orphans:
+            async with self.db.write() as conn:
+                outcome = Outcome("interrupted", error_code="ServerRestarted")
+                released += await self._settle(conn, request_id, outcome, now, only_if=orphaned)
+        async with self.db.write() as conn:
             await conn.execute(instances.delete().where(instances.c.heartbeat_at < now - 24 * 3600))
-        return len(orphans)
+        return released
 
     async def in_flight(self) -> int:
         rows = await self.db.read(sa.select(sa.func.count()).select_from(reservations))
