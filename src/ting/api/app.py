@@ -109,6 +109,8 @@ async def load_engine(settings: Settings) -> EngineClient:
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
+            prefix_caching=settings.prefix_caching,
+            encoder_cache_mib=settings.encoder_cache_mib,
             home=settings.home_path,
         )
         engine.start()
@@ -123,6 +125,8 @@ async def load_engine(settings: Settings) -> EngineClient:
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
+            prefix_caching=settings.prefix_caching,
+            encoder_cache_mib=settings.encoder_cache_mib,
             hang_timeout_s=settings.engine_hang_timeout_s,
             max_backoff_s=settings.engine_max_backoff_s,
             log_level=settings.log_level,

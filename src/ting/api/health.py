@@ -3,6 +3,7 @@ while a dead engine process is being replaced)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,6 +27,7 @@ def _status(request: Request) -> tuple[int, dict[str, Any]]:
         info = engine.describe()
         stats = engine.stats
         body.update(device=info.get("device"), dtype=info.get("dtype"), running=stats.running, waiting=stats.waiting)
+        body["cache"] = asdict(stats.cache)  # prefix keys and values reused, audio-encoder outputs kept
         restarts = getattr(engine, "restarts", None)  # the engine process
         if restarts is not None:
             body.update(engine_pid=getattr(engine, "pid", None), engine_restarts=restarts)

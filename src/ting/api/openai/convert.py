@@ -155,7 +155,9 @@ def usage_body(u: Usage) -> CompletionUsage:
         prompt_tokens=u.input_tokens + u.audio_tokens,
         completion_tokens=u.output_tokens,
         total_tokens=u.total_tokens,
-        prompt_tokens_details=PromptTokensDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            audio_tokens=u.audio_tokens, text_tokens=u.input_tokens, cached_tokens=u.cached_tokens
+        ),
         completion_tokens_details=CompletionTokensDetails(text_tokens=u.output_tokens),
     )
 
