@@ -680,7 +680,7 @@ class Qwen2AudioBackend:
         last = len(self._rows) - 1
         done = self._rows[row]
         length = int(self._lengths[row])
-        keep = self.prefix_caching and length > 0
+        keep = self.prefix_caching and 0 < length <= len(done.keys)
         if row != last:  # keep rows contiguous: the last row moves into the freed one (and this one to the last)
             if keep:
                 self.cache.swap(row, last, length, int(self._lengths[last]))
@@ -693,6 +693,12 @@ class Qwen2AudioBackend:
         self._rows.pop()
         if keep:
             self._entries[last] = _Entry(done.salt, done.keys[:length], next(self._clock))
+
+    def clear_caches(self) -> None:
+        """Forget every prefix entry and encoder output (benchmarks compare runs with and without them)."""
+        self._entries.clear()
+        self._encoder_cache.clear()
+        self._encoder_bytes = 0
 
     def cached_tokens(self, seq_id: int) -> int:
         """Prompt tokens of a running sequence that were reused from the cache rather than prefilled."""
@@ -730,9 +736,10 @@ class Qwen2AudioBackend:
         """Rows for the prompts, and their cached prefixes put in place, before any forward pass.
 
         The prompts take the next free rows. A prompt that extends a whole entry held in one of those rows takes
-        that row (a follow-up: nothing to copy, and the entry lives on inside the new sequence). Other entries in
-        the rows taken move further out, or are evicted, the least recently used first; a prompt that shares only
-        part of an entry gets that part copied into its own row, and the entry stays.
+        that row (a follow-up: nothing to copy, and the entry lives on inside the new sequence), and so does one
+        sharing only part of it when there is no free row left to move the entry to. Other entries in the rows
+        taken move further out, or are evicted, the least recently used first; a prompt that shares part of an
+        entry elsewhere gets that part copied into its own row, and the entry stays.
         """
         first = len(self._rows)
         targets = range(first, first + len(items))
@@ -741,13 +748,14 @@ class Qwen2AudioBackend:
             keys = self._prompt_keys(prompt)
             source, cached = self._lookup(prompt.cache_salt, keys)
             plan.append(_Start(seq_id, prompt, sampling, keys, source, cached))
+        room = any(r not in self._entries for r in range(targets.stop, self.slots))  # to move an entry out to
         taken: dict[int, _Start] = {}
         for s in plan:
             if (
                 s.source is not None
                 and s.source in targets
                 and s.source not in taken
-                and s.cached == len(self._entries[s.source].keys)
+                and (s.cached == len(self._entries[s.source].keys) or not room)
             ):
                 taken[s.source] = s
                 s.row = s.source
