@@ -168,19 +168,26 @@ async def main() -> None:
     parser.add_argument("--load-concurrency", type=int, default=16, help="0: no mixed load")
     parser.add_argument("--load-audio-seconds", type=float, default=30.0)
     parser.add_argument("--encoder-cache-mib", type=int, default=256)
+    parser.add_argument("--prefix-cache-slots", type=int, default=0, help="KV rows kept for finished sequences only")
     args = parser.parse_args()
     preset = args.model in tiny.PRESETS
     path = prepare_model(args.model) if preset else Path(args.model)
     random_weights = preset and not tiny.PRESETS[args.model]["weights"]
     slots = max(16, args.load_concurrency)
-    backend = qwen2_audio.load(str(path), device=args.device, random_weights=random_weights, max_batch_size=slots)
+    backend = qwen2_audio.load(
+        str(path),
+        device=args.device,
+        random_weights=random_weights,
+        max_batch_size=slots,
+        prefix_cache_slots=args.prefix_cache_slots,
+    )
     encoder_bytes = args.encoder_cache_mib * 2**20
     engine = Engine(backend, max_batch_size=slots, max_queue=10_000)
     engine.start()
     print(
         f"# follow-up bench: {args.model} on {args.device} ({platform.machine()}, {os.cpu_count()} CPUs, load "
         f"{os.getloadavg()[0]:.1f}); {args.audio_seconds:g} s clip, {args.max_tokens} output tokens per turn, "
-        f"{args.conversations} conversations per mode",
+        f"{args.conversations} conversations per mode; {slots} slots + {args.prefix_cache_slots} kept for the cache",
         flush=True,
     )
     set_mode(backend, "none", encoder_bytes)
@@ -201,7 +208,7 @@ async def main() -> None:
         "TTFT prefix reuse (s) | prefix / no reuse | engine part: no reuse / prefix (s) | engine part ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for turn in range(3):
+    for turn in range(3 if args.conversations else 0):
         none, enc, pre = (median_ttft(runs[m], turn) for m in MODES)
         e_none, e_pre = (median_ttft(runs[m], turn, "engine_ttft_s") for m in ("none", "prefix"))
         print(

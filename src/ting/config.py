@@ -50,6 +50,11 @@ class Settings:
         "prompt that begins the same way (a follow-up turn); only between requests of the same API key "
         "(--no-prefix-caching: off).",
     )
+    prefix_cache_slots: int = _opt(
+        0,
+        "KV-cache slots beyond --max-batch-size that only keep finished requests for reuse (each costs a running "
+        "slot's memory); 0: kept only in slots free at the moment.",
+    )
     encoder_cache_mib: int = _opt(
         256, "MiB of audio-encoder outputs kept by the audio's content (a follow-up skips the encoder); 0: off."
     )

@@ -40,8 +40,8 @@ def turn2(answer: str, seconds: float = 3.0, seed: int = 0) -> tuple[Message, ..
     )
 
 
-def backend_of(tiny_dir: Path, *, slots: int = 4, prefix_caching: bool = True) -> Qwen2AudioBackend:
-    return load(str(tiny_dir), max_batch_size=slots, prefix_caching=prefix_caching)
+def backend_of(tiny_dir: Path, *, slots: int = 4, prefix_caching: bool = True, kept: int = 0) -> Qwen2AudioBackend:
+    return load(str(tiny_dir), max_batch_size=slots, prefix_caching=prefix_caching, prefix_cache_slots=kept)
 
 
 def drive(
@@ -190,6 +190,15 @@ def test_with_every_slot_running_the_entries_are_evicted_and_answers_stay_exact(
     follow = turn2(backend.detokenize(first))
     [(second, cached)] = drive(backend, [(follow, "a")])
     assert cached == 0 and second == reference(follow)[:MAX_NEW]
+
+
+def test_slots_kept_for_the_cache_survive_a_full_batch(tiny_dir: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    backend = backend_of(tiny_dir, slots=2, kept=1)  # --prefix-cache-slots 1
+    [(first, _)] = drive(backend, [(turn1(), "a")])
+    drive(backend, [(PROMPTS[2], "b"), (PROMPTS[4], "b")])  # every running slot taken: the entry moves out of the way
+    follow = turn2(backend.detokenize(first))
+    [(second, cached)] = drive(backend, [(follow, "a")])
+    assert cached >= prompt_length(backend, turn1()) and second == reference(follow)[:MAX_NEW]
 
 
 def test_the_opt_out_reuses_nothing(tiny_dir: Path, reference) -> None:  # type: ignore[no-untyped-def]

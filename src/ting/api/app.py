@@ -110,6 +110,7 @@ async def load_engine(settings: Settings) -> EngineClient:
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
             prefix_caching=settings.prefix_caching,
+            prefix_cache_slots=settings.prefix_cache_slots,
             encoder_cache_mib=settings.encoder_cache_mib,
             home=settings.home_path,
         )
@@ -126,6 +127,7 @@ async def load_engine(settings: Settings) -> EngineClient:
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
             prefix_caching=settings.prefix_caching,
+            prefix_cache_slots=settings.prefix_cache_slots,
             encoder_cache_mib=settings.encoder_cache_mib,
             hang_timeout_s=settings.engine_hang_timeout_s,
             max_backoff_s=settings.engine_max_backoff_s,

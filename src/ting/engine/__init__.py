@@ -151,6 +151,7 @@ class Engine:
         max_queue: int = 256,
         max_model_len: int = 8192,
         prefix_caching: bool = True,
+        prefix_cache_slots: int = 0,
         encoder_cache_mib: int = 256,
         home: Path | None = None,
     ) -> Engine:
@@ -166,6 +167,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             prefix_caching=prefix_caching,
+            prefix_cache_slots=prefix_cache_slots,
             encoder_cache_bytes=encoder_cache_mib * 2**20,
         )
         return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)

@@ -121,6 +121,7 @@ def load_backend(config: dict[str, Any]) -> Backend:
         max_batch_size=config["max_batch_size"],
         max_model_len=config["max_model_len"],
         prefix_caching=config.get("prefix_caching", True),
+        prefix_cache_slots=config.get("prefix_cache_slots", 0),
         encoder_cache_bytes=config.get("encoder_cache_mib", 256) * 2**20,
     )
     return apply_test_wrapper(backend)

@@ -57,6 +57,7 @@ class EngineOptions:
     max_queue: int = 256
     max_model_len: int = 8192
     prefix_caching: bool = True  # reuse keys and values of earlier requests' prompts (same salt)
+    prefix_cache_slots: int = 0  # KV-cache rows beyond max_batch_size that only hold finished sequences
     encoder_cache_mib: int = 256  # audio-encoder outputs kept by clip digest
     hang_timeout_s: float = 120.0  # no step for this long while requests are in flight: the engine is hung
     first_backoff_s: float = 0.5  # wait before the first restart; doubles with each failure in a row
@@ -88,6 +89,7 @@ class _Child:
             "max_queue": options.max_batch_size + options.max_queue,
             "max_model_len": options.max_model_len,
             "prefix_caching": options.prefix_caching,
+            "prefix_cache_slots": options.prefix_cache_slots,
             "encoder_cache_mib": options.encoder_cache_mib,
             "requests": requests_addr,
             "results": results_addr,

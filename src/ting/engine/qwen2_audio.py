@@ -119,6 +119,7 @@ def load(
     max_batch_size: int = 16,
     max_model_len: int = 8192,
     prefix_caching: bool = True,
+    prefix_cache_slots: int = 0,
     encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
 ) -> Qwen2AudioBackend:
     """Load a checkpoint (directory or hub id). `random_weights` makes weights at load time (benchmarks)."""
@@ -160,6 +161,7 @@ def load(
         max_model_len=max_model_len,
         path=path,
         prefix_caching=prefix_caching,
+        prefix_cache_slots=prefix_cache_slots,
         encoder_cache_bytes=encoder_cache_bytes,
     )
 
@@ -471,6 +473,7 @@ class Qwen2AudioBackend:
         cpu_blocked_weights: bool = True,
         batch_prefill: bool = True,
         prefix_caching: bool = True,
+        prefix_cache_slots: int = 0,
         encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
     ) -> None:
         self.model, self.processor = model, processor
@@ -504,9 +507,10 @@ class Qwen2AudioBackend:
             _use_skinny_linear(model.lm_head, blocked)
         self.embed = self.lm.get_input_embeddings()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kv_rows = max_batch_size + (prefix_cache_slots if prefix_caching else 0)  # running + kept only
         self.cache = SlotCache(
             text.num_hidden_layers,
-            max_batch_size,
+            self.kv_rows,
             text.num_key_value_heads,
             head_dim,
             dtype=dtype,
@@ -538,6 +542,8 @@ class Qwen2AudioBackend:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "prefix_caching": self.prefix_caching,
+            "kv_cache_slots": self.kv_rows,
         }
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
@@ -748,7 +754,7 @@ class Qwen2AudioBackend:
             keys = self._prompt_keys(prompt)
             source, cached = self._lookup(prompt.cache_salt, keys)
             plan.append(_Start(seq_id, prompt, sampling, keys, source, cached))
-        room = any(r not in self._entries for r in range(targets.stop, self.slots))  # to move an entry out to
+        room = any(r not in self._entries for r in range(targets.stop, self.kv_rows))  # to move an entry out to
         taken: dict[int, _Start] = {}
         for s in plan:
             if (
@@ -806,11 +812,11 @@ class Qwen2AudioBackend:
         recently used entry there (never one in `keep`) if that one is older; otherwise evict it. Its new row, or
         None."""
         entry = self._entries.pop(row)
-        spare = [r for r in range(beyond, self.slots) if r not in self._entries]
+        spare = [r for r in range(beyond, self.kv_rows) if r not in self._entries]
         if spare:
             dest = spare[0]
         else:
-            victims = [r for r in range(beyond, self.slots) if r not in keep]
+            victims = [r for r in range(beyond, self.kv_rows) if r not in keep]
             if not victims:
                 return None
             dest = min(victims, key=lambda r: self._entries[r].used)
