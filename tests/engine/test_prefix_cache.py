@@ -192,6 +192,16 @@ def test_with_every_slot_running_the_entries_are_evicted_and_answers_stay_exact(
     assert cached == 0 and second == reference(follow)[:MAX_NEW]
 
 
+def test_with_no_room_to_move_an_entry_a_partial_match_takes_its_slot(tiny_dir: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    backend = backend_of(tiny_dir, slots=1)  # one slot: the entry sits where the follow-up must go
+    [(first, _)] = drive(backend, [(turn1(), "a")])
+    follow = turn2(backend.detokenize(first))
+    held = [*backend.prepare(turn1()).token_ids, *first[:-1]]
+    [(second, cached)] = drive(backend, [(follow, "a")])
+    assert cached == shared_prefix(held, backend.prepare(follow).token_ids) >= prompt_length(backend, turn1())
+    assert second == reference(follow)[:MAX_NEW]
+
+
 def test_slots_kept_for_the_cache_survive_a_full_batch(tiny_dir: Path, reference) -> None:  # type: ignore[no-untyped-def]
     backend = backend_of(tiny_dir, slots=2, kept=1)  # --prefix-cache-slots 1
     [(first, _)] = drive(backend, [(turn1(), "a")])
