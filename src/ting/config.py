@@ -44,6 +44,20 @@ class Settings:
     max_batch_size: int = _opt(16, "Most requests decoded together in one step (KV-cache slots).")
     max_queue: int = _opt(256, "Most requests waiting for a slot; past it requests get 503.")
     max_model_len: int = _opt(8192, "Most tokens (prompt + output) one request may hold.")
+    prefix_caching: bool = _opt(
+        True,
+        "Keep finished requests' keys and values in free KV-cache slots and prefill only the new part of a "
+        "prompt that begins the same way (a follow-up turn); only between requests of the same API key "
+        "(--no-prefix-caching: off).",
+    )
+    prefix_cache_slots: int = _opt(
+        0,
+        "KV-cache slots beyond --max-batch-size that only keep finished requests for reuse (each costs a running "
+        "slot's memory); 0: kept only in slots free at the moment.",
+    )
+    encoder_cache_mib: int = _opt(
+        256, "MiB of audio-encoder outputs kept by the audio's content (a follow-up skips the encoder); 0: off."
+    )
     load_format: str = _opt(
         "auto",
         "auto: the checkpoint's weights; dummy: random weights of the checkpoint's "

@@ -116,6 +116,7 @@ class Usage:
     input_tokens: int = 0  # prompt tokens that are not audio (text and chat template)
     audio_tokens: int = 0  # audio tokens billed (25 per second, at least 25 per clip)
     output_tokens: int = 0  # generated tokens
+    cached_tokens: int = 0  # of the prompt's tokens, those whose keys and values were reused (still billed)
 
     @property
     def total_tokens(self) -> int:

@@ -89,11 +89,13 @@ def test_a_window_that_fails_cancels_its_siblings_and_the_request_is_charged_wha
     finished: set[int] = set()
     unfinished_at_failure: set[int] = set()
 
-    async def one_window_refused(prompt: Any, sampling: Any, *, request_id: str = "") -> AsyncIterator[GenerationChunk]:
+    async def one_window_refused(
+        prompt: Any, sampling: Any, *, request_id: str = "", cache_salt: str = ""
+    ) -> AsyncIterator[GenerationChunk]:
         window = len(calls)
         calls.append(window)
         n = 0
-        async for chunk in real_generate(prompt, sampling, request_id=request_id):
+        async for chunk in real_generate(prompt, sampling, request_id=request_id, cache_salt=cache_salt):
             yield chunk
             n += 1
             if window == 2 and n == 3:  # the last window: three tokens, then the engine refuses it

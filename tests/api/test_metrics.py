@@ -192,6 +192,7 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
         # The client can read a response before the server has finished counting it: wait until all are in.
         wait_for(lambda: counted(scrape(s)) >= sent, "every request counted")
         m = scrape(s)
+        cache = httpx.get(s.url + "/health", timeout=30).json()["cache"]  # the engine's caches, nothing run since
 
     for (protocol, status), n in statuses.items():
         assert total(m, "ting_requests_total", protocol=protocol, status=str(status)) == n, (protocol, status)
@@ -245,6 +246,10 @@ def test_after_a_scripted_run_the_counters_equal_what_was_sent(
     assert total(m, "ting_num_requests_running") == total(m, "ting_num_requests_waiting") == 0
     assert total(m, "ting_kv_slots_used") == 0 and total(m, "ting_kv_slots_total") == 8  # the test engine's
     assert total(m, "ting_engine_up") == 1 and total(m, "ting_engine_restarts_total") == 0
+    # the engine's caches, as /health shows them
+    assert total(m, "ting_prefix_cache_hits_total") == cache["prefix_hits"]
+    assert total(m, "ting_prefix_cache_reused_tokens_total") == cache["prefix_cached_tokens"]
+    assert total(m, "ting_encoder_cache_entries") == cache["encoder_entries"] > 0
 
 
 def test_who_may_read_the_metrics(engine: Any, tmp_path: Path, server: LiveServer) -> None:

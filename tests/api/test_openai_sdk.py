@@ -117,6 +117,25 @@ def test_text_only_follow_ups_and_compatible_mode(server: LiveServer, corpus) ->
     assert names >= {"qwen-audio-turbo", "qwen-audio-turbo-latest", "qwen2-audio-instruct"}
 
 
+def test_a_follow_up_reports_the_reused_prompt_tokens(client: OpenAI, server: LiveServer, corpus) -> None:  # type: ignore[no-untyped-def]
+    """The SDK resends the whole history; the engine reuses the first turn's keys and values (the audio with
+    them), and says so as OpenAI does: usage.prompt_tokens_details.cached_tokens, part of prompt_tokens."""
+    part = {"type": "input_audio", "input_audio": {"data": b64(corpus["wav_pcm_s16_zh"].path), "format": "wav"}}
+    first = client.chat.completions.create(model="qwen-audio-turbo", max_tokens=6, temperature=0, messages=ask(part))
+    follow = [
+        *ask(part),
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And who is speaking?"},
+    ]
+    second = client.chat.completions.create(model="qwen-audio-turbo", max_tokens=6, temperature=0, messages=follow)
+    u = second.usage
+    assert u.prompt_tokens_details.audio_tokens == first.usage.prompt_tokens_details.audio_tokens  # billed the same
+    assert first.usage.prompt_tokens_details.audio_tokens < u.prompt_tokens_details.cached_tokens < u.prompt_tokens
+    cache = httpx.get(server.url + "/health").json()["cache"]  # the engine's counters, for operators
+    assert cache["prefix_hits"] >= 1 and cache["prefix_cached_tokens"] >= u.prompt_tokens_details.cached_tokens
+    assert cache["encoder_entries"] >= 1 and cache["encoder_bytes"] > 0
+
+
 def test_chat_errors(client: OpenAI, corpus, engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad_audio = ask({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"<html>").decode()}})
     with pytest.raises(openai.BadRequestError) as e:

@@ -82,7 +82,15 @@ async def test_prompts_prefilled_together_in_one_pass_still_give_generates_token
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.1)
     expected = [reference(m, 1.1) for m in PROMPTS]
     before = engine.backend.batched_prefills
-    got = await asyncio.gather(*(run(engine, m, params) for m in PROMPTS))  # all at once: admitted together
+    # Prepared first, then submitted all at once (so they are admitted together, however fast a prefill is), under
+    # a salt of their own: no earlier request's keys and values are reused, each prompt is prefilled whole.
+    prompts = await asyncio.gather(*(engine.prepare(m) for m in PROMPTS))
+
+    async def answer(prompt):  # type: ignore[no-untyped-def]
+        stream = engine.generate(prompt, engine.resolve(params, prompt), cache_salt="prefilled together")
+        return [t async for chunk in stream for t in chunk.token_ids]
+
+    got = await asyncio.gather(*(answer(p) for p in prompts))
     assert engine.backend.batched_prefills > before
     assert got == expected
 

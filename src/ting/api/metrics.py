@@ -26,6 +26,7 @@ from starlette.types import Scope
 
 from ting.audio import CacheStats
 from ting.engine import Engine, EngineClient
+from ting.engine.backend import CacheStats as CacheCounters
 from ting.engine.process import RemoteEngine
 from ting.errors import AccessDenied, AuthError, TingError
 from ting.service import Report, Settled, refusal_of
@@ -216,9 +217,34 @@ class EngineCollector(Collector):
             value=running / slots if slots else 0.0,
         )
         yield GaugeMetricFamily(PREFIX + "engine_up", "1 while the engine is serving, 0 otherwise.", value=int(up))
+        yield from _prefix_cache(engine.stats.cache if engine is not None else CacheCounters())
         yield CounterMetricFamily(
             PREFIX + "engine_restarts", "Engine processes started after the first (after a crash or hang).", restarts
         )
+
+
+def _prefix_cache(c: CacheCounters) -> Iterable[Metric]:
+    """The engine's caches (issue 12): prefix keys and values reused, audio-encoder outputs kept."""
+    yield CounterMetricFamily(
+        PREFIX + "prefix_cache_hits",
+        "Prompts that began with keys and values still held (vLLM's prefix cache hits).",
+        c.prefix_hits,
+    )
+    yield CounterMetricFamily(
+        PREFIX + "prefix_cache_reused_tokens",
+        "Prompt tokens not prefilled again, thanks to the prefix cache.",
+        c.prefix_cached_tokens,
+    )
+    yield GaugeMetricFamily(
+        PREFIX + "prefix_cache_entries", "Finished sequences held in free slots.", value=c.prefix_entries
+    )
+    yield CounterMetricFamily(
+        PREFIX + "encoder_cache_hits", "Clips whose audio-encoder output was reused.", c.encoder_hits
+    )
+    yield GaugeMetricFamily(PREFIX + "encoder_cache_entries", "Audio-encoder outputs kept.", value=c.encoder_entries)
+    yield GaugeMetricFamily(
+        PREFIX + "encoder_cache_bytes", "Bytes of audio-encoder outputs kept.", value=c.encoder_bytes
+    )
 
 
 class AudioCacheCollector(Collector):

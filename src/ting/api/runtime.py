@@ -262,6 +262,9 @@ async def load_engine_for(settings: Settings) -> EngineClient:
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
+            prefix_caching=settings.prefix_caching,
+            prefix_cache_slots=settings.prefix_cache_slots,
+            encoder_cache_mib=settings.encoder_cache_mib,
         )
         engine.start()
         return engine
@@ -274,6 +277,9 @@ async def load_engine_for(settings: Settings) -> EngineClient:
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
+            prefix_caching=settings.prefix_caching,
+            prefix_cache_slots=settings.prefix_cache_slots,
+            encoder_cache_mib=settings.encoder_cache_mib,
             hang_timeout_s=settings.engine_hang_timeout_s,
             restart_timeout_s=settings.engine_restart_timeout_s,
             max_backoff_s=settings.engine_max_backoff_s,

@@ -13,6 +13,7 @@ Only `ting.engine.qwen2_audio` and `ting.engine.tiny` import torch; they are loa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import math
 import os
@@ -61,8 +62,11 @@ class EngineClient(Protocol):
     def resolve(self, params: SamplingParams, prompt: Prompt) -> Sampling: ...
 
     def generate(
-        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
-    ) -> AsyncGenerator[GenerationChunk]: ...
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = "", cache_salt: str = ""
+    ) -> AsyncGenerator[GenerationChunk]:
+        """Stream the answer. Keys and values cached from earlier requests are reused only between requests of
+        equal `cache_salt` (who is asking: one tenant never times another's prompts)."""
+        ...
 
 
 TEST_WRAPPER_ENV = "TING_TEST_BACKEND_WRAPPER"  # tests and benches only: "module:function" applied to the backend
@@ -133,6 +137,9 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         max_model_len: int = 8192,
+        prefix_caching: bool = True,
+        prefix_cache_slots: int = 0,
+        encoder_cache_mib: int = 256,
     ) -> Engine:
         """Load a checkpoint directory or hub id."""
         from ting.engine import qwen2_audio
@@ -144,6 +151,9 @@ class Engine:
             random_weights=random_weights,
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
+            prefix_caching=prefix_caching,
+            prefix_cache_slots=prefix_cache_slots,
+            encoder_cache_bytes=encoder_cache_mib * 2**20,
         )
         return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)
 
@@ -174,10 +184,10 @@ class Engine:
         return resolve_sampling(params, prompt, self.backend.defaults, self.backend.max_model_len)
 
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = "", cache_salt: str = ""
     ) -> AsyncGenerator[GenerationChunk]:
         """Stream the answer. Closing the iterator early (a client gone) aborts the request at once."""
-        seq = self.scheduler.submit(request_id, prompt, sampling)
+        seq = self.scheduler.submit(request_id, with_salt(prompt, cache_salt), sampling)
         queue = seq.queue
         assert queue is not None
         try:
@@ -191,6 +201,10 @@ class Engine:
         finally:
             if not seq.finished:
                 self.scheduler.abort(seq)
+
+
+def with_salt(prompt: Prompt, cache_salt: str) -> Prompt:
+    return dataclasses.replace(prompt, cache_salt=cache_salt) if cache_salt != prompt.cache_salt else prompt
 
 
 def check_sampling(s: Sampling) -> None:

@@ -20,6 +20,8 @@ class Prompt:
     token_ids: tuple[int, ...]  # the whole prompt, each clip's <|AUDIO|> expanded to its token count
     audio_tokens: tuple[int, ...]  # audio tokens the model sees, per clip
     inputs: Any  # backend-specific tensors (mel features and masks)
+    audio_hashes: tuple[bytes, ...] = ()  # per clip, a digest of the features its audio tokens depend on
+    cache_salt: str = ""  # whose request: cached keys and values are reused only between equal salts
 
     @property
     def text_tokens(self) -> int:
@@ -76,3 +78,15 @@ class Backend(Protocol):
         ...
 
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the backend's caches have saved so far (prefix keys and values, audio-encoder outputs)."""
+
+    prefix_hits: int = 0  # prompts that began with tokens whose keys and values were still held
+    prefix_cached_tokens: int = 0  # prompt tokens not prefilled again, summed over those prompts
+    prefix_entries: int = 0  # finished sequences held in free slots now
+    encoder_hits: int = 0  # clips whose encoder output was taken from the cache
+    encoder_entries: int = 0
+    encoder_bytes: int = 0

@@ -46,7 +46,7 @@ class EngineCore:
         self._outbox_lock = threading.Lock()  # refusals at submission
         self._chunks: list[list[Any]] = []
         self._errors: list[list[Any]] = []
-        self._sent_stats: list[int] = []
+        self._sent_stats: list[Any] = []
         self.scheduler = Scheduler(backend, max_batch_size=max_batch_size, max_queue=max_queue, publish=self.publish)
 
     def collect(self, seq: Sequence, item: GenerationChunk | BaseException) -> None:
@@ -58,8 +58,7 @@ class EngineCore:
 
     def publish(self) -> None:
         """One STEP message: every result since the last one, and the counters (if anything changed)."""
-        s = self.scheduler.stats
-        stats = [s.running, s.waiting, s.steps, s.generated_tokens, s.aborted]
+        stats = wire.encode_stats(self.scheduler.stats)
         with self._outbox_lock:
             chunks, self._chunks = self._chunks, []
             errors, self._errors = self._errors, []
@@ -121,6 +120,9 @@ def load_backend(config: dict[str, Any]) -> Backend:
         random_weights=config["random_weights"],
         max_batch_size=config["max_batch_size"],
         max_model_len=config["max_model_len"],
+        prefix_caching=config.get("prefix_caching", True),
+        prefix_cache_slots=config.get("prefix_cache_slots", 0),
+        encoder_cache_bytes=config.get("encoder_cache_mib", 256) * 2**20,
     )
     return apply_test_wrapper(backend)
 

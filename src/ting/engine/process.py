@@ -35,7 +35,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ting.engine import on_prepare_threads, resolve_sampling, wire
+from ting.engine import on_prepare_threads, resolve_sampling, wire, with_salt
 from ting.engine.backend import Prompt, Sampling
 from ting.engine.scheduler import Stats
 from ting.errors import EngineDown, ModelLoadError, Overloaded, ShuttingDown
@@ -83,6 +83,9 @@ class EngineOptions:
     max_batch_size: int = 16
     max_queue: int = 256
     max_model_len: int = 8192
+    prefix_caching: bool = True  # reuse keys and values of earlier requests' prompts (same salt)
+    prefix_cache_slots: int = 0  # KV-cache rows beyond max_batch_size that only hold finished sequences
+    encoder_cache_mib: int = 256  # audio-encoder outputs kept by clip digest
     hang_timeout_s: float = 120.0  # no step for this long while requests are in flight: the engine is hung
     restart_timeout_s: float = 600.0  # a restarted engine not ready after this long is killed and tried again
     first_backoff_s: float = 0.5  # wait before the first restart; doubles with each failure in a row
@@ -113,6 +116,9 @@ class _Child:
             "max_batch_size": options.max_batch_size,
             "max_queue": options.max_batch_size + options.max_queue,
             "max_model_len": options.max_model_len,
+            "prefix_caching": options.prefix_caching,
+            "prefix_cache_slots": options.prefix_cache_slots,
+            "encoder_cache_mib": options.encoder_cache_mib,
             "requests": requests_addr,
             "results": results_addr,
             "parent_pid": os.getpid(),
@@ -201,7 +207,7 @@ class RemoteEngine:
         return resolve_sampling(params, prompt, self._ready.defaults, self._ready.max_model_len)
 
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, *, request_id: str = ""
+        self, prompt: Prompt, sampling: Sampling, *, request_id: str = "", cache_salt: str = ""
     ) -> AsyncGenerator[GenerationChunk]:
         """Stream the answer. Closing the iterator early (a client gone) aborts the request in the engine."""
         child = self._child
@@ -217,7 +223,7 @@ class RemoteEngine:
         self._unfinished.add(seq_id)
         done = False
         try:
-            child.send(wire.encode_add(seq_id, request_id, prompt, sampling))
+            child.send(wire.encode_add(seq_id, request_id, with_salt(prompt, cache_salt), sampling))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -318,7 +324,7 @@ class RemoteEngine:
             stats, chunks, errors = wire.unpack(frames[1].buffer)
             s = self._stats
             if stats:
-                s.running, s.waiting, s.steps, s.generated_tokens, s.aborted = stats
+                wire.decode_stats(stats, s)
             s.last_progress = time.monotonic()
             for raw in chunks:
                 seq_id, chunk = wire.decode_chunk(raw)

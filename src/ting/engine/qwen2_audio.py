@@ -15,19 +15,24 @@ The model is transformers' own Qwen2AudioForConditionalGeneration; this backend 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2AudioForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 
-from ting.engine.backend import Defaults, Prompt, Sampling
+from ting.engine.backend import CacheStats, Defaults, Prompt, Sampling
 from ting.engine.prompt import template_messages
+from ting.engine.wire import FRAMES_READ_PAST_END
 from ting.errors import InvalidParameter, ModelLoadError
 from ting.types import SAMPLE_RATE, Message, audio_tokens_for_frames
 
@@ -36,6 +41,7 @@ log = logging.getLogger("ting.engine")
 ENCODER_BATCH = 8  # clips per audio-encoder call (a 30 s window each)
 SKINNY_CHUNK = 1024  # weight rows per product in a batched CPU decoding step
 CACHE_GROWTH = 256  # KV-cache length grows in steps of this many tokens
+ENCODER_CACHE_BYTES = 256 * 2**20  # audio-encoder outputs kept, by their size (a 30 s clip: 12 MiB real-width, fp32)
 AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -112,6 +118,9 @@ def load(
     random_weights: bool = False,
     max_batch_size: int = 16,
     max_model_len: int = 8192,
+    prefix_caching: bool = True,
+    prefix_cache_slots: int = 0,
+    encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
 ) -> Qwen2AudioBackend:
     """Load a checkpoint (directory or hub id). `random_weights` makes weights at load time (benchmarks)."""
     path = resolve_checkpoint(model)
@@ -151,6 +160,9 @@ def load(
         max_batch_size=max_batch_size,
         max_model_len=max_model_len,
         path=path,
+        prefix_caching=prefix_caching,
+        prefix_cache_slots=prefix_cache_slots,
+        encoder_cache_bytes=encoder_cache_bytes,
     )
 
 
@@ -294,11 +306,14 @@ class SlotCache:
                 grown[:, :, : old.shape[2]] = old
                 store[i] = grown
 
-    def begin_prefill(self, row: int) -> None:
-        self._mode = ("prefill", row)
+    def begin_prefill(self, row: int, start: int = 0) -> None:
+        """One prompt into `row` from position `start` (the positions before it hold a reused prefix)."""
+        self._mode = ("prefill", row, start)
 
-    def begin_batch_prefill(self, rows: torch.Tensor) -> None:
-        self._mode = ("batch", rows)
+    def begin_batch_prefill(self, rows: torch.Tensor, starts: torch.Tensor | None = None, kv_len: int = 0) -> None:
+        """Several prompts, right-padded, each into its row from its own start (None: all from 0); the pass attends
+        over the first `kv_len` positions of those rows."""
+        self._mode = ("batch", rows, starts, kv_len)
 
     def begin_step(self, rows: int, positions: torch.Tensor, kv_len: int) -> None:
         self._mode = ("step", rows, positions, kv_len, torch.arange(rows, device=self.device))
@@ -308,15 +323,22 @@ class SlotCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._mode[0] == "batch":  # several prompts, right-padded to one length, each into its own row
-            rows, length = self._mode[1], key.shape[2]
-            k[rows, :, :length] = key
-            v[rows, :, :length] = value
-            return key, value
+            _, rows, starts, kv_len = self._mode
+            length = key.shape[2]
+            if starts is None:
+                k[rows, :, :length] = key
+                v[rows, :, :length] = value
+                return key, value
+            positions = starts[:, None] + torch.arange(length, device=self.device)[None, :]
+            k[rows[:, None], :, positions] = key.transpose(1, 2)
+            v[rows[:, None], :, positions] = value.transpose(1, 2)
+            return k[rows, :, :kv_len], v[rows, :, :kv_len]
         if self._mode[0] == "prefill":
-            row, length = self._mode[1], key.shape[2]
-            k[row, :, :length] = key[0]
-            v[row, :, :length] = value[0]
-            return k[row : row + 1, :, :length], v[row : row + 1, :, :length]
+            _, row, start = self._mode
+            end = start + key.shape[2]
+            k[row, :, start:end] = key[0]
+            v[row, :, start:end] = value[0]
+            return k[row : row + 1, :, :end], v[row : row + 1, :, :end]
         _, rows, positions, kv_len, index = self._mode
         k[index, :, positions] = key[:, :, 0]
         v[index, :, positions] = value[:, :, 0]
@@ -326,6 +348,29 @@ class SlotCache:
         for store in (self.keys, self.values):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]
+
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        for store in (self.keys, self.values):
+            for t in store:
+                held = t[a, :, :length_a].clone()
+                t[a, :, :length_b] = t[b, :, :length_b]
+                t[b, :, :length_a] = held
+
+
+def audio_hashes(inputs: Any) -> tuple[bytes, ...]:
+    """Per clip, a digest of what its audio tokens depend on: its mel frames up to the last one the encoder reads
+    (ting.engine.wire sends the same frames), and their count. Equal digests, equal encoder output."""
+    if not inputs:
+        return ()
+    features = np.asarray(inputs["input_features"])
+    frames = np.asarray(inputs["feature_attention_mask"]).sum(-1).astype(int).tolist()
+    digests = []
+    for j, n in enumerate(frames):
+        kept = min(features.shape[-1], n + FRAMES_READ_PAST_END)
+        h = hashlib.blake2b(np.ascontiguousarray(features[j, :, :kept], dtype=np.float32).tobytes(), digest_size=16)
+        h.update(n.to_bytes(4, "little"))
+        digests.append(h.digest())
+    return tuple(digests)
 
 
 # --- inputs: the processor's side (also run in the server process, before the engine) ----------------------
@@ -367,7 +412,7 @@ class Qwen2AudioInputs:
             out = self.processor(text=text, return_tensors="pt")
             audio_tokens, inputs = (), None
         ids = tuple(out["input_ids"][0].tolist())
-        return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs)
+        return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs, audio_hashes=audio_hashes(inputs))
 
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # the feature extractor's window: 3000 mel frames
@@ -421,6 +466,31 @@ class _Row:
     seq_id: int
     sampling: Sampling
     generator: torch.Generator
+    salt: str = ""
+    keys: list[Any] = field(default_factory=list)  # what each position of the row holds (_prompt_keys), then outputs
+    cached: int = 0  # prompt tokens whose keys and values were reused, not prefilled
+
+
+@dataclass
+class _Entry:
+    """A finished sequence's keys and values, held in a free slot for a later prompt that begins the same way."""
+
+    salt: str
+    keys: list[Any]  # per position held: the token id, or for an audio position its clip's digest
+    used: int  # when it was last kept or reused (a clock): the least recent goes first
+
+
+@dataclass
+class _Start:
+    """One prompt of a prefill: where it goes, and what of it is already in the cache."""
+
+    seq_id: int
+    prompt: Prompt
+    sampling: Sampling
+    keys: list[Any]
+    source: int | None  # the row holding its longest cached prefix
+    cached: int  # that prefix's length (0: none); at least the last prompt token is always prefilled
+    row: int = -1
 
 
 class Qwen2AudioBackend:
@@ -437,6 +507,9 @@ class Qwen2AudioBackend:
         path: Path | None = None,
         cpu_blocked_weights: bool = True,
         batch_prefill: bool = True,
+        prefix_caching: bool = True,
+        prefix_cache_slots: int = 0,
+        encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
     ) -> None:
         self.model, self.processor = model, processor
         self.inputs = Qwen2AudioInputs(processor)
@@ -469,9 +542,10 @@ class Qwen2AudioBackend:
             _use_skinny_linear(model.lm_head, blocked)
         self.embed = self.lm.get_input_embeddings()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kv_rows = max_batch_size + (prefix_cache_slots if prefix_caching else 0)  # running + kept only
         self.cache = SlotCache(
             text.num_hidden_layers,
-            max_batch_size,
+            self.kv_rows,
             text.num_key_value_heads,
             head_dim,
             dtype=dtype,
@@ -485,6 +559,15 @@ class Qwen2AudioBackend:
         self._last = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # token to feed next
         self._seen = torch.zeros(max_batch_size, self.vocab_size, dtype=torch.bool, device=device)
         self._counts = torch.zeros(max_batch_size, self.vocab_size, dtype=torch.int32, device=device)
+        # The prefix cache: finished sequences' keys and values, left in the free slots they held.
+        self.prefix_caching = prefix_caching
+        self._entries: dict[int, _Entry] = {}  # free row -> what it holds
+        self._clock = itertools.count()
+        self._prefix_hits = self._prefix_cached_tokens = 0
+        # Audio-encoder outputs by clip digest, least recently used first, bounded by their size.
+        self.encoder_cache_bytes = encoder_cache_bytes
+        self._encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._encoder_bytes = self._encoder_hits = 0
 
     # --- Backend protocol ---
 
@@ -494,6 +577,8 @@ class Qwen2AudioBackend:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "prefix_caching": self.prefix_caching,
+            "kv_cache_slots": self.kv_rows,
         }
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
@@ -504,84 +589,96 @@ class Qwen2AudioBackend:
 
     def prefill(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> Iterator[tuple[int, int]]:
         """Start sequences; yields (sequence id, first token) as each prompt is done, so its first token can go
-        out before the next prompt is prefilled. The audio encoder runs once, batched across all of them."""
+        out before the next prompt is prefilled. A prompt that begins with keys and values still held from an
+        earlier sequence of the same salt takes them and prefills only the rest. The audio encoder runs once,
+        batched across all the clips not already in its cache."""
         if len(self._rows) + len(items) > self.slots:
             raise RuntimeError("no free KV-cache slot")
         with torch.inference_mode():
-            audio = self._encode_audio([prompt for _, prompt, _ in items])
-        if len(items) > 1 and self.batch_prefill:
+            plan = self._plan(items)
+            audio = self._encode_audio(plan)
+        if len(plan) > 1 and self.batch_prefill:
             self.batched_prefills += 1
             with torch.inference_mode():
-                tokens = self._prefill_batch(items, audio)
-            yield from zip((seq_id for seq_id, _, _ in items), tokens, strict=True)
+                tokens = self._prefill_batch(plan, audio)
+            yield from zip((s.seq_id for s in plan), tokens, strict=True)
             return
-        for (seq_id, prompt, sampling), features in zip(items, audio, strict=True):
+        for start, clips in zip(plan, audio, strict=True):
             with torch.inference_mode():
-                token = self._prefill_one(seq_id, prompt, sampling, features)
-            yield seq_id, token
+                token = self._prefill_one(start, clips)
+            yield start.seq_id, token
 
-    def _prefill_batch(
-        self, items: Sequence[tuple[int, Prompt, Sampling]], audio: list[torch.Tensor | None]
-    ) -> list[int]:
+    def _prefill_batch(self, plan: Sequence[_Start], audio: list[list[torch.Tensor | None]]) -> list[int]:
         """Several prompts in one forward pass: right-padded, a causal mask that also hides the padding.
 
         Larger matrix products than one prompt at a time (on CPU about a quarter faster per token), at the cost of
-        their first tokens going out together. A lone prompt takes _prefill_one, the pass `generate()` makes.
+        their first tokens going out together. A lone prompt takes _prefill_one, the pass `generate()` makes. A
+        prompt with a cached prefix feeds only its suffix, at its own positions, attending over its row's prefix.
         """
-        lengths = torch.tensor([len(p.token_ids) for _, p, _ in items], device=self.device)
+        n = len(plan)
+        starts = torch.tensor([s.cached for s in plan], device=self.device)
+        totals = torch.tensor([len(s.prompt.token_ids) for s in plan], device=self.device)
+        lengths = totals - starts  # tokens fed per prompt
         width = int(lengths.max())
-        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        for i, (_, prompt, _) in enumerate(items):
-            ids[i, : len(prompt.token_ids)] = torch.tensor(prompt.token_ids, device=self.device)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long, device=self.device)
+        for i, s in enumerate(plan):
+            ids[i, : int(lengths[i])] = torch.tensor(s.prompt.token_ids[s.cached :], device=self.device)
         embeds = self.embed(ids)
-        for i, features in enumerate(audio):
-            if features is not None:
-                mask = (ids[i] == self.audio_token_id).unsqueeze(-1)
-                embeds[i] = embeds[i].masked_scatter(mask, features.to(embeds.dtype))
-        first_row = len(self._rows)
-        rows = torch.arange(first_row, first_row + len(items), device=self.device)
-        positions = torch.arange(width, device=self.device)
-        causal = positions[None, :] <= positions[:, None]
-        visible = causal[None, None] & (positions[None, :] < lengths[:, None])[:, None, None, :]
-        self.cache.reserve(width + 1)
-        self.cache.begin_batch_prefill(rows)
+        for i, s in enumerate(plan):
+            self._scatter_audio(embeds[i], s, audio[i])
+        rows = torch.tensor([s.row for s in plan], device=self.device)
+        offsets = torch.arange(width, device=self.device)
+        positions = starts[:, None] + offsets[None, :]
+        if any(s.cached for s in plan):
+            kv_len = int((starts + width).max())
+            keys = torch.arange(kv_len, device=self.device)
+            visible = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < totals[:, None, None])
+            visible = visible[:, None]
+            self.cache.reserve(kv_len + 1)
+            self.cache.begin_batch_prefill(rows, starts, kv_len)
+        else:
+            causal = offsets[None, :] <= offsets[:, None]
+            visible = causal[None, None] & (offsets[None, :] < lengths[:, None])[:, None, None, :]
+            self.cache.reserve(width + 1)
+            self.cache.begin_batch_prefill(rows)
         hidden = self.lm(
             inputs_embeds=embeds,
             attention_mask={"full_attention": visible},
-            position_ids=positions[None].expand(len(items), width),
+            position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
         ).last_hidden_state
-        last = hidden[torch.arange(len(items), device=self.device), lengths - 1]
+        last = hidden[torch.arange(n, device=self.device), lengths - 1]
         _Decoding.active = True
         try:
             logits = self.model.lm_head(last)
         finally:
             _Decoding.active = False
-        for i, (seq_id, prompt, sampling) in enumerate(items):
-            self._start_row(first_row + i, seq_id, prompt, sampling)
+        for s in plan:
+            self._start_row(s)
         return self._sample(logits, rows.tolist())
 
-    def _prefill_one(self, seq_id: int, prompt: Prompt, sampling: Sampling, features: torch.Tensor | None) -> int:
-        row = len(self._rows)
-        ids = torch.tensor([prompt.token_ids], device=self.device)
-        embeds = self.embed(ids)
-        if features is not None:
-            mask = (ids == self.audio_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-        length = ids.shape[1]
-        self.cache.reserve(length + 1)
-        self.cache.begin_prefill(row)
+    def _prefill_one(self, s: _Start, clips: list[torch.Tensor | None]) -> int:
+        """One prompt by itself: without a cached prefix, the pass `generate()` makes."""
+        total = len(s.prompt.token_ids)
+        embeds = self.embed(torch.tensor([s.prompt.token_ids[s.cached :]], device=self.device))
+        self._scatter_audio(embeds[0], s, clips)
+        positions = torch.arange(s.cached, total, device=self.device)
+        mask = None  # from position 0: the causal mask transformers makes, as generate() does
+        if s.cached:  # the suffix sees the whole prefix and itself causally
+            mask = (torch.arange(total, device=self.device)[None, :] <= positions[:, None])[None, None]
+        self.cache.reserve(total + 1)
+        self.cache.begin_prefill(s.row, s.cached)
         hidden = self.lm(
             inputs_embeds=embeds,
-            attention_mask={"full_attention": None},
-            position_ids=torch.arange(length, device=self.device)[None],
+            attention_mask={"full_attention": mask},
+            position_ids=positions[None],
             past_key_values=self.cache,
             use_cache=True,
         ).last_hidden_state
         logits = self.model.lm_head(hidden[:, -1])
-        self._start_row(row, seq_id, prompt, sampling)
-        return self._sample(logits, [row])[0]
+        self._start_row(s)
+        return self._sample(logits, [s.row])[0]
 
     @torch.inference_mode()
     def step(self) -> Mapping[int, int]:
@@ -616,50 +713,240 @@ class Qwen2AudioBackend:
 
     @torch.inference_mode()
     def release(self, seq_id: int) -> None:
+        """Free the sequence's slot. With prefix caching its keys and values stay there, an entry a later prompt
+        of the same salt may reuse, until the slot is needed."""
         row = self._row_of.pop(seq_id, None)
         if row is None:
             return
         last = len(self._rows) - 1
-        if row != last:  # keep rows contiguous: the last row moves into the freed one
-            self.cache.move(last, row, int(self._lengths[last]))
+        done = self._rows[row]
+        length = int(self._lengths[row])
+        keep = self.prefix_caching and 0 < length <= len(done.keys)
+        if row != last:  # keep rows contiguous: the last row moves into the freed one (and this one to the last)
+            if keep:
+                self.cache.swap(row, last, length, int(self._lengths[last]))
+            else:
+                self.cache.move(last, row, int(self._lengths[last]))
             for t in (self._lengths, self._last, self._seen, self._counts):
                 t[row] = t[last]
             self._rows[row] = self._rows[last]
             self._row_of[self._rows[row].seq_id] = row
         self._rows.pop()
+        if keep:
+            self._entries[last] = _Entry(done.salt, done.keys[:length], next(self._clock))
+
+    def clear_caches(self) -> None:
+        """Forget every prefix entry and encoder output (benchmarks compare runs with and without them)."""
+        self._entries.clear()
+        self._encoder_cache.clear()
+        self._encoder_bytes = 0
+
+    def cached_tokens(self, seq_id: int) -> int:
+        """Prompt tokens of a running sequence that were reused from the cache rather than prefilled."""
+        row = self._row_of.get(seq_id)
+        return self._rows[row].cached if row is not None else 0
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats(
+            prefix_hits=self._prefix_hits,
+            prefix_cached_tokens=self._prefix_cached_tokens,
+            prefix_entries=len(self._entries),
+            encoder_hits=self._encoder_hits,
+            encoder_entries=len(self._encoder_cache),
+            encoder_bytes=self._encoder_bytes,
+        )
 
     # --- internals ---
 
-    def _start_row(self, row: int, seq_id: int, prompt: Prompt, sampling: Sampling) -> None:
+    def _start_row(self, s: _Start) -> None:
+        row = len(self._rows)
+        assert s.row == row, "prompts start in row order"
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(sampling.seed)
-        self._rows.append(_Row(seq_id, sampling, generator))
-        self._row_of[seq_id] = row
-        self._lengths[row] = len(prompt.token_ids)
+        generator.manual_seed(s.sampling.seed)
+        keys = s.keys if self.prefix_caching else []
+        self._rows.append(_Row(s.seq_id, s.sampling, generator, s.prompt.cache_salt, keys, s.cached))
+        self._row_of[s.seq_id] = row
+        self._lengths[row] = len(s.prompt.token_ids)
         self._seen[row] = False
-        self._seen[row, torch.tensor(prompt.token_ids, device=self.device)] = True
+        self._seen[row, torch.tensor(s.prompt.token_ids, device=self.device)] = True
         self._counts[row] = 0
 
-    def _encode_audio(self, prompts: Sequence[Prompt]) -> list[torch.Tensor | None]:
-        """Audio embeddings per prompt (all its clips, in order), the encoder batched across prompts."""
-        owners = [i for i, p in enumerate(prompts) for _ in p.audio_tokens]
-        if not owners:
-            return [None] * len(prompts)
-        # (numpy arrays when the prompt came from the server process: ting.engine.wire)
-        features = torch.cat([torch.as_tensor(p.inputs["input_features"]) for p in prompts if p.audio_tokens])
-        frames = torch.cat(
-            [torch.as_tensor(p.inputs["feature_attention_mask"]) for p in prompts if p.audio_tokens]
-        ).sum(-1)
-        order = sorted(range(len(features)), key=lambda j: int(frames[j]))  # similar lengths share a batch
-        per_clip: dict[int, torch.Tensor] = {}
-        for start in range(0, len(order), ENCODER_BATCH):
-            chunk = order[start : start + ENCODER_BATCH]
-            embeds = self._encode_clips(features[chunk].to(self.device, self.dtype), frames[chunk].to(self.device))
-            per_clip.update(zip(chunk, embeds, strict=True))
-        grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
-        for j, owner in enumerate(owners):
-            grouped[owner].append(per_clip[j])
-        return [torch.cat(g) if g else None for g in grouped]
+    # --- the prefix cache ---
+
+    def _plan(self, items: Sequence[tuple[int, Prompt, Sampling]]) -> list[_Start]:
+        """Rows for the prompts, and their cached prefixes put in place, before any forward pass.
+
+        The prompts take the next free rows. A prompt that extends a whole entry held in one of those rows takes
+        that row (a follow-up: nothing to copy, and the entry lives on inside the new sequence), and so does one
+        sharing only part of it when there is no free row left to move the entry to. Other entries in the rows
+        taken move further out, or are evicted, the least recently used first; a prompt that shares part of an
+        entry elsewhere gets that part copied into its own row, and the entry stays.
+        """
+        first = len(self._rows)
+        targets = range(first, first + len(items))
+        plan = []
+        for seq_id, prompt, sampling in items:
+            keys = self._prompt_keys(prompt)
+            source, cached = self._lookup(prompt.cache_salt, keys)
+            plan.append(_Start(seq_id, prompt, sampling, keys, source, cached))
+        room = any(r not in self._entries for r in range(targets.stop, self.kv_rows))  # to move an entry out to
+        taken: dict[int, _Start] = {}
+        for s in plan:
+            if (
+                s.source is not None
+                and s.source in targets
+                and s.source not in taken
+                and (s.cached == len(self._entries[s.source].keys) or not room)
+            ):
+                taken[s.source] = s
+                s.row = s.source
+        free = iter([r for r in targets if r not in taken])
+        for s in plan:
+            if s.row < 0:
+                s.row = next(free)
+        needed = {s.source for s in plan if s.source is not None}
+        moved = {
+            row: self._relocate(row, beyond=targets.stop, keep=needed)
+            for row in targets
+            if row in self._entries and row not in taken
+        }
+        for s in plan:
+            if s.source in moved:
+                s.source = moved[s.source]
+                if s.source is None:  # evicted: no room to keep it beyond the rows taken
+                    s.cached = 0
+            if s.source is None:
+                continue
+            self._prefix_hits += 1
+            self._prefix_cached_tokens += s.cached
+            if s.source != s.row:
+                self.cache.move(s.source, s.row, s.cached)
+            if s.source in self._entries:
+                self._entries[s.source].used = next(self._clock)
+        for row in taken:  # written past the prefix now: the new sequence holds it
+            del self._entries[row]
+        return sorted(plan, key=lambda s: s.row)
+
+    def _lookup(self, salt: str, keys: list[Any]) -> tuple[int | None, int]:
+        """The entry of this salt sharing the longest prefix with `keys`, and that length (short of the last
+        prompt token, whose logits give the first new token)."""
+        if not self.prefix_caching:
+            return None, 0
+        best_row, best = None, 0
+        limit = len(keys) - 1
+        for row, entry in self._entries.items():
+            if entry.salt != salt:
+                continue
+            n = _common_prefix(entry.keys, keys, limit)
+            if n > best:
+                best_row, best = row, n
+        return best_row, best
+
+    def _relocate(self, row: int, *, beyond: int, keep: set[int]) -> int | None:
+        """Move the entry out of `row` (about to be taken) to a spare row past `beyond`, or in place of the least
+        recently used entry there (never one in `keep`) if that one is older; otherwise evict it. Its new row, or
+        None."""
+        entry = self._entries.pop(row)
+        spare = [r for r in range(beyond, self.kv_rows) if r not in self._entries]
+        if spare:
+            dest = spare[0]
+        else:
+            victims = [r for r in range(beyond, self.kv_rows) if r not in keep]
+            if not victims:
+                return None
+            dest = min(victims, key=lambda r: self._entries[r].used)
+            if self._entries[dest].used > entry.used and row not in keep:
+                return None
+            del self._entries[dest]
+        self.cache.move(row, dest, len(entry.keys))
+        self._entries[dest] = entry
+        if row in keep:
+            keep.add(dest)
+        return dest
+
+    def _prompt_keys(self, prompt: Prompt) -> list[Any]:
+        """What each position holds: its token id, or for an audio position its clip's digest (two prompts with
+        equal token ids but different audio must not share keys and values)."""
+        keys: list[Any] = list(prompt.token_ids)
+        if not self.prefix_caching:
+            return keys
+        for (start, count), digest in zip(self._clip_spans(prompt), self._digests(prompt), strict=True):
+            keys[start : start + count] = [digest] * count
+        return keys
+
+    def _clip_spans(self, prompt: Prompt) -> list[tuple[int, int]]:
+        """(first position, token count) of each clip's audio tokens in the prompt."""
+        if not prompt.audio_tokens:
+            return []
+        positions = np.flatnonzero(np.asarray(prompt.token_ids) == self.audio_token_id)
+        firsts = np.cumsum((0, *prompt.audio_tokens[:-1]))
+        return [(int(positions[f]), n) for f, n in zip(firsts, prompt.audio_tokens, strict=True)]
+
+    def _digests(self, prompt: Prompt) -> tuple[bytes, ...]:
+        if len(prompt.audio_hashes) == len(prompt.audio_tokens):
+            return prompt.audio_hashes
+        return audio_hashes(prompt.inputs)
+
+    def _scatter_audio(self, embeds: torch.Tensor, s: _Start, clips: list[torch.Tensor | None]) -> None:
+        """Put each clip's encoder output at its audio positions in `embeds` (the positions from s.cached on)."""
+        for (first, count), out in zip(self._clip_spans(s.prompt), clips, strict=True):
+            lo = max(first, s.cached)
+            if first + count <= lo:
+                continue
+            assert out is not None
+            embeds[lo - s.cached : first + count - s.cached] = out[lo - first :].to(embeds.dtype)
+
+    # --- the audio encoder ---
+
+    def _encode_audio(self, plan: Sequence[_Start]) -> list[list[torch.Tensor | None]]:
+        """Encoder output per clip of each prompt (None for a clip wholly inside a cached prefix). Clips in the
+        encoder cache are not encoded again; the rest are encoded together, batched by length."""
+        found: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # digest -> (features, mask) of one clip
+        wanted: list[list[bytes | None]] = []
+        for s in plan:
+            digests: list[bytes | None] = []
+            spans, hashes = self._clip_spans(s.prompt), self._digests(s.prompt)
+            for j, ((first, count), digest) in enumerate(zip(spans, hashes, strict=True)):
+                if first + count <= s.cached:
+                    digests.append(None)
+                    continue
+                digests.append(digest)
+                if digest in found or digest in todo:
+                    continue
+                hit = self._encoder_cache.get(digest)
+                if hit is not None:
+                    self._encoder_cache.move_to_end(digest)
+                    self._encoder_hits += 1
+                    found[digest] = hit
+                else:
+                    # (numpy arrays when the prompt came from the server process: ting.engine.wire)
+                    features = torch.as_tensor(s.prompt.inputs["input_features"][j : j + 1])
+                    mask = torch.as_tensor(s.prompt.inputs["feature_attention_mask"][j : j + 1])
+                    todo[digest] = (features, mask)
+            wanted.append(digests)
+        if todo:
+            order = list(todo)
+            features = torch.cat([todo[d][0] for d in order])
+            frames = torch.cat([todo[d][1] for d in order]).sum(-1)
+            by_length = sorted(range(len(order)), key=lambda j: int(frames[j]))  # similar lengths share a batch
+            for start in range(0, len(by_length), ENCODER_BATCH):
+                chunk = by_length[start : start + ENCODER_BATCH]
+                embeds = self._encode_clips(features[chunk].to(self.device, self.dtype), frames[chunk].to(self.device))
+                for j, out in zip(chunk, embeds, strict=True):
+                    found[order[j]] = out
+                    self._remember_encoding(order[j], out)
+        return [[found[d] if d is not None else None for d in digests] for digests in wanted]
+
+    def _remember_encoding(self, digest: bytes, out: torch.Tensor) -> None:
+        size = out.numel() * out.element_size()
+        if size > self.encoder_cache_bytes:
+            return
+        self._encoder_cache[digest] = out.clone()  # (a view would hold its whole batch)
+        self._encoder_bytes += size
+        while self._encoder_bytes > self.encoder_cache_bytes:
+            _, old = self._encoder_cache.popitem(last=False)
+            self._encoder_bytes -= old.numel() * old.element_size()
 
     def _encode_clips(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
         """transformers' Qwen2AudioEncoder.forward, run over the clips' own frames instead of the whole window.
@@ -709,7 +996,11 @@ class Qwen2AudioBackend:
         self._seen[index, chosen] = True
         self._counts[index, chosen] += 1
         self._last[index] = chosen
-        return chosen.tolist()
+        tokens: list[int] = chosen.tolist()
+        if self.prefix_caching:
+            for r, t in zip(rows, tokens, strict=True):
+                self._rows[r].keys.append(t)
+        return tokens
 
     def _draw(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         params = [self._rows[r].sampling for r in rows]
@@ -735,3 +1026,12 @@ class Qwen2AudioBackend:
         )[:, None]
         pick = (cumulative < draws * cumulative[:, -1:]).sum(-1).clamp(max=width - 1)
         return ids.gather(1, pick[:, None]).squeeze(1)
+
+
+def _common_prefix(a: list[Any], b: list[Any], limit: int) -> int:
+    """How many leading elements `a` and `b` share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

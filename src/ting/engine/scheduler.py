@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ting.engine.backend import Backend, Prompt, Sampling
+from ting.engine.backend import Backend, CacheStats, Prompt, Sampling
 from ting.engine.detokenize import IncrementalDecoder
 from ting.errors import EngineError, Overloaded, ShuttingDown
 from ting.types import FinishReason, GenerationChunk, Usage
@@ -44,6 +44,7 @@ class Sequence:
     decoder: IncrementalDecoder
     sink: Callable[[Sequence, GenerationChunk | BaseException], None] | None = None
     output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the backend reused from its prefix cache
     finished: bool = False
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
@@ -63,6 +64,7 @@ class Stats:
     generated_tokens: int = 0
     aborted: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    cache: CacheStats = field(default_factory=CacheStats)  # the backend's prefix and audio-encoder caches
 
 
 class Scheduler:
@@ -217,8 +219,10 @@ class Scheduler:
 
     def _prefill(self, batch: list[Sequence], pending: dict[int, Sequence]) -> None:
         """Prefill `batch`; each sequence leaves `pending` (and starts running) as its first token comes."""
+        cached = getattr(self.backend, "cached_tokens", None)
         for seq_id, token in self.backend.prefill([(s.id, s.prompt, s.sampling) for s in batch]):
             s = pending.pop(seq_id)
+            s.cached_tokens = cached(seq_id) if cached is not None else 0
             self._running[s.id] = s
             self._advance(s, token)  # its first token goes out now, before the next prompt's prefill
             self._publish()
@@ -271,7 +275,10 @@ class Scheduler:
             ):
                 text, finish = text + s.decoder.flush(), "length"
         usage = Usage(
-            input_tokens=s.prompt.text_tokens, audio_tokens=sum(s.prompt.audio_tokens), output_tokens=len(s.output_ids)
+            input_tokens=s.prompt.text_tokens,
+            audio_tokens=sum(s.prompt.audio_tokens),
+            output_tokens=len(s.output_ids),
+            cached_tokens=s.cached_tokens,
         )
         s.emit(GenerationChunk(text=text, token_ids=(token,), finish_reason=finish, usage=usage))
         if finish is not None:
@@ -296,3 +303,6 @@ class Scheduler:
     def _update_counts(self) -> None:
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
+        cache_stats = getattr(self.backend, "cache_stats", None)
+        if cache_stats is not None:
+            self.stats.cache = cache_stats()

@@ -4,7 +4,8 @@ Every message is a ZeroMQ multipart message: a one-byte kind, a msgpack header, 
 features as one raw buffer (never a msgpack list of floats). Two PUSH/PULL pipes, one each way, over ipc://
 sockets in a private directory:
 
-  server -> engine   ADD   [seq id, request id, prompt tokens, audio tokens per clip, sampling, features layout]
+  server -> engine   ADD   [seq id, request id, prompt tokens, audio tokens per clip, sampling, features layout,
+                            audio digest per clip, cache salt]
                            + the log-mel features (float32, each clip cut after the last frame the encoder reads)
                      ABORT [seq ids]
                      STOP  []
@@ -17,14 +18,15 @@ sockets in a private directory:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from ting import errors
-from ting.engine.backend import Defaults, Prompt, Sampling
+from ting.engine.backend import CacheStats, Defaults, Prompt, Sampling
+from ting.engine.scheduler import Stats
 from ting.errors import EngineError, Overloaded, TingError
 from ting.types import GenerationChunk, Usage
 
@@ -53,14 +55,29 @@ def unpack(data: Buffer) -> Any:
 
 def encode_add(seq_id: int, request_id: str, prompt: Prompt, sampling: Sampling) -> list[Buffer]:
     layout, buffers = _encode_features(prompt.inputs)
-    header = [seq_id, request_id, list(prompt.token_ids), list(prompt.audio_tokens), _encode_sampling(sampling), layout]
+    header = [
+        seq_id,
+        request_id,
+        list(prompt.token_ids),
+        list(prompt.audio_tokens),
+        _encode_sampling(sampling),
+        layout,
+        list(prompt.audio_hashes),
+        prompt.cache_salt,
+    ]
     return [ADD, pack(header), *buffers]
 
 
 def decode_add(frames: Sequence[Buffer]) -> tuple[int, str, Prompt, Sampling]:
-    seq_id, request_id, token_ids, audio_tokens, sampling, layout = unpack(frames[1])
+    seq_id, request_id, token_ids, audio_tokens, sampling, layout, audio_hashes, cache_salt = unpack(frames[1])
     inputs = _decode_features(layout, frames[2]) if layout is not None else None
-    prompt = Prompt(token_ids=tuple(token_ids), audio_tokens=tuple(audio_tokens), inputs=inputs)
+    prompt = Prompt(
+        token_ids=tuple(token_ids),
+        audio_tokens=tuple(audio_tokens),
+        inputs=inputs,
+        audio_hashes=tuple(audio_hashes),
+        cache_salt=cache_salt,
+    )
     return seq_id, request_id, prompt, _decode_sampling(sampling)
 
 
@@ -143,17 +160,28 @@ def decode_ready(frames: Sequence[Buffer]) -> Ready:
 
 def encode_chunk(seq_id: int, c: GenerationChunk) -> list[Any]:
     u = c.usage
-    return [seq_id, list(c.token_ids), c.text, c.finish_reason, u.input_tokens, u.audio_tokens, u.output_tokens]
+    usage = [u.input_tokens, u.audio_tokens, u.output_tokens, u.cached_tokens]
+    return [seq_id, list(c.token_ids), c.text, c.finish_reason, *usage]
 
 
 def decode_chunk(v: list[Any]) -> tuple[int, GenerationChunk]:
-    seq_id, token_ids, text, finish, input_tokens, audio_tokens, output_tokens = v
+    seq_id, token_ids, text, finish, input_tokens, audio_tokens, output_tokens, cached_tokens = v
     return seq_id, GenerationChunk(
         text=text,
         token_ids=tuple(token_ids),
         finish_reason=finish,
-        usage=Usage(input_tokens, audio_tokens, output_tokens),
+        usage=Usage(input_tokens, audio_tokens, output_tokens, cached_tokens),
     )
+
+
+def encode_stats(s: Stats) -> list[Any]:
+    """The scheduler's counters, as a STEP message carries them."""
+    return [s.running, s.waiting, s.steps, s.generated_tokens, s.aborted, list(astuple(s.cache))]
+
+
+def decode_stats(v: list[Any], into: Stats) -> None:
+    into.running, into.waiting, into.steps, into.generated_tokens, into.aborted, cache = v
+    into.cache = CacheStats(*cache)
 
 
 def encode_error(seq_id: int, exc: BaseException) -> list[Any]:

@@ -169,7 +169,7 @@ class ChatService:
             sampling = self.engine.resolve(params, prompt)
             billed = sum(billed_audio_tokens(len(c.samples)) for c in clips)
             await ticket.reserve(prompt.text_tokens + billed + sampling.max_tokens)
-            stream = self.engine.generate(prompt, sampling, request_id=call.request_id)
+            stream = self.engine.generate(prompt, sampling, request_id=call.request_id, cache_salt=ticket.cache_salt)
             try:
                 first = await anext(stream)
             except BaseException:

@@ -136,6 +136,11 @@ class Ticket:
     def request_id(self) -> str:
         return self.call.request_id
 
+    @property
+    def cache_salt(self) -> str:
+        """Who pays, as the engine's prefix cache keeps tenants apart: one key never reuses another's prompts."""
+        return f"key:{self.who.key_id}" if self.who.key_id else f"name:{self.who.name}"
+
     async def reserve(self, tokens: int) -> None:
         """Reserve the most the request can cost (refused with QuotaExhausted when it does not fit)."""
         await self.lifecycle.store.quota.reserve(self.who, self.request_id, tokens)

@@ -269,7 +269,9 @@ class TranscriptionService:
 
         async def one(i: int) -> None:
             out = []
-            async for chunk in self.engine.generate(prompts[i], samplings[i], request_id=ticket.request_id):
+            async for chunk in self.engine.generate(
+                prompts[i], samplings[i], request_id=ticket.request_id, cache_salt=ticket.cache_salt
+            ):
                 count(i, chunk)
                 out.append(chunk.text)
             answers[i] = "".join(out)

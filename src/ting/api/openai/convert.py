@@ -155,12 +155,16 @@ def sampling(req: ChatCompletionRequest) -> SamplingParams:
 
 
 def usage_body(u: Usage) -> CompletionUsage:
-    """prompt_tokens includes the audio tokens, as DashScope's compatible mode and OpenAI count them."""
+    """prompt_tokens includes the audio tokens, as DashScope's compatible mode and OpenAI count them; cached_tokens
+    is the part of them the engine did not prefill again (still billed)."""
+    prompt_tokens = u.input_tokens + u.audio_tokens
     return CompletionUsage(
-        prompt_tokens=u.input_tokens + u.audio_tokens,
+        prompt_tokens=prompt_tokens,
         completion_tokens=u.output_tokens,
         total_tokens=u.total_tokens,
-        prompt_tokens_details=PromptTokensDetails(audio_tokens=u.audio_tokens, text_tokens=u.input_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            audio_tokens=u.audio_tokens, text_tokens=u.input_tokens, cached_tokens=min(u.cached_tokens, prompt_tokens)
+        ),
         completion_tokens_details=CompletionTokensDetails(text_tokens=u.output_tokens),
     )
 

@@ -84,6 +84,7 @@ class Choice(BaseModel):
 class PromptTokensDetails(BaseModel):
     audio_tokens: int
     text_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused (as OpenAI reports prompt caching)
 
 
 class CompletionTokensDetails(BaseModel):
