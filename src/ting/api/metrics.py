@@ -73,9 +73,10 @@ def outcome_from_status(status: int) -> str:
 class Metrics:
     """The server's metrics: one registry, fed by the middleware, the lifecycle, the audio layer and the engine."""
 
-    def __init__(self, engine: Callable[[], EngineClient | None], kv_slots: int) -> None:
+    def __init__(
+        self, engine: Callable[[], EngineClient | None], kv_slots: int, audio_cache: Callable[[], CacheStats]
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.audio_cache: Callable[[], CacheStats] | None = None  # set once the audio loader exists
         r = self.registry
         self.requests = Counter(
             PREFIX + "requests",
@@ -142,7 +143,7 @@ class Metrics:
             PREFIX + "audio_decode_failures", "Audio files refused by the decoder, by error.", ["error"], registry=r
         )
         r.register(EngineCollector(engine, kv_slots))
-        r.register(AudioCacheCollector(lambda: self.audio_cache() if self.audio_cache is not None else None))
+        r.register(AudioCacheCollector(audio_cache))
 
     # --- the access-log middleware: every HTTP request --------------------------------------------------------
 
@@ -196,9 +197,10 @@ class EngineCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         engine = self.engine()
         running = waiting = restarts = 0
-        up, slots = False, self.kv_slots
+        up, slots, cache = False, self.kv_slots, CacheCounters()
         if engine is not None:
             stats = engine.stats
+            cache = stats.cache
             running, waiting, up = stats.running, stats.waiting, engine.alive
             if isinstance(engine, RemoteEngine):
                 restarts, slots = engine.restarts, engine.options.max_batch_size
@@ -217,7 +219,7 @@ class EngineCollector(Collector):
             value=running / slots if slots else 0.0,
         )
         yield GaugeMetricFamily(PREFIX + "engine_up", "1 while the engine is serving, 0 otherwise.", value=int(up))
-        yield from _prefix_cache(engine.stats.cache if engine is not None else CacheCounters())
+        yield from _prefix_cache(cache)
         yield CounterMetricFamily(
             PREFIX + "engine_restarts", "Engine processes started after the first (after a crash or hang).", restarts
         )
@@ -250,13 +252,11 @@ def _prefix_cache(c: CacheCounters) -> Iterable[Metric]:
 class AudioCacheCollector(Collector):
     """The decoded-clip cache (audio/cache.py), read when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], CacheStats | None]) -> None:
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats()
-        if s is None:
-            return
         name = PREFIX + "audio_cache_"
         yield CounterMetricFamily(name + "hits", "Audio clips reused instead of decoded (a 304 included).", s.hits)
         yield CounterMetricFamily(name + "misses", "Audio clips looked up and not found: decoded.", s.misses)

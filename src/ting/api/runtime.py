@@ -67,10 +67,10 @@ class Runtime:
             instance_id=settings.instance_id or f"{socket.gethostname()}:{settings.port}",
             instance_timeout_s=settings.instance_timeout_s,
         )
-        self.metrics = Metrics(lambda: self.engine, settings.max_batch_size)
+        # Read at scrape time: the metrics exist before the parts they observe (the audio loader reports to them).
+        self.metrics = Metrics(lambda: self.engine, settings.max_batch_size, lambda: self.audio.cache_stats())
         self.metrics_access = Access(settings.metrics_key, self.store.keys.open)
         self.audio = _audio_loader(settings, self.store.files, resolver, self.metrics)
-        self.metrics.audio_cache = self.audio.cache_stats
         self.models = Models(settings.model, settings.served_model_name, settings.max_model_len)
         self.engine = engine
         self._load_engine = load_engine or functools.partial(load_engine_for, settings)
