@@ -14,6 +14,8 @@ import numpy as np
 SAMPLE_RATE = 16_000  # Hz: what Qwen2-Audio's feature extractor expects
 WINDOW_S = 30.0  # seconds: the model hears at most this much of each clip
 WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)  # 480_000 samples
+HOP_SAMPLES = 160  # samples per mel frame (10 ms at 16 kHz)
+WINDOW_FRAMES = WINDOW_SAMPLES // HOP_SAMPLES  # 3000 mel frames in the 30 s window
 MIN_SAMPLES = 400  # shortest clip accepted: 25 ms at 16 kHz (the model yields 0 tokens at 320 samples or fewer)
 
 

@@ -8,10 +8,8 @@ per clip.
 
 from __future__ import annotations
 
-from ting.types import WINDOW_SAMPLES, audio_tokens_for_frames
+from ting.types import HOP_SAMPLES, WINDOW_FRAMES, audio_tokens_for_frames
 
-HOP_SAMPLES = 160  # samples per mel frame (10 ms at 16 kHz)
-MAX_FRAMES = WINDOW_SAMPLES // HOP_SAMPLES  # 3000 mel frames in the 30 s window
 MIN_BILLED_TOKENS = 25  # the hosted API bills at least one second of audio per clip
 
 
@@ -19,7 +17,7 @@ def audio_tokens(num_samples: int) -> int:
     """Audio tokens Qwen2-Audio's processor yields for a clip of `num_samples` at 16 kHz."""
     if num_samples <= 0:
         return 0
-    return audio_tokens_for_frames(min(-(-num_samples // HOP_SAMPLES), MAX_FRAMES))  # ceil, then the 30 s window
+    return audio_tokens_for_frames(min(-(-num_samples // HOP_SAMPLES), WINDOW_FRAMES))  # ceil, then the 30 s window
 
 
 def billed_audio_tokens(num_samples: int) -> int:

@@ -34,7 +34,7 @@ from ting.engine.backend import CacheStats, Defaults, Prompt, Sampling
 from ting.engine.prompt import template_messages
 from ting.engine.wire import FRAMES_READ_PAST_END
 from ting.errors import InvalidParameter, ModelLoadError
-from ting.types import SAMPLE_RATE, Message, audio_tokens_for_frames
+from ting.types import HOP_SAMPLES, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES, Message, audio_tokens_for_frames
 
 log = logging.getLogger("ting.engine")
 
@@ -415,8 +415,6 @@ class Qwen2AudioInputs:
         return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs, audio_hashes=audio_hashes(inputs))
 
 
-WINDOW_SAMPLES = 30 * SAMPLE_RATE  # the feature extractor's window: 3000 mel frames
-HOP_SAMPLES = 160
 # Zero samples past a clip's end that make every mel frame the audio encoder reads equal to the window's own: the
 # encoder reads a clip's frames and the next one (tokens of the model's own length function); the STFT's centred
 # frames reach 200 samples (n_fft / 2) either side, and its reflection padding must see zeros as the window's does.
@@ -437,8 +435,7 @@ def features_span(longest_samples: int) -> int:
 def _in_window(features: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Features and mask over the 30 s window's 3000 frames, as the model's inputs are shaped; the frames past the
     span are zeros (never read: masked, and past what the encoder reads of each clip)."""
-    window = WINDOW_SAMPLES // HOP_SAMPLES
-    missing = window - features.shape[-1]
+    missing = WINDOW_FRAMES - features.shape[-1]
     if missing > 0:
         features = torch.nn.functional.pad(features, (0, missing))
         mask = torch.nn.functional.pad(mask, (0, missing))
