@@ -63,9 +63,8 @@ async def test_applying_every_migration_gives_the_schema_the_code_expects(databa
         applied = await db.migrate()
         assert applied == [name for _, name, _ in MIGRATIONS]
         assert await db.migrate() == []  # each is applied once
-        async with db.engine.connect() as conn:
-            actual = await conn.run_sync(describe)
-            versions = [r.version for r in await conn.execute(sa.select(schema_migrations.c.version))]
+        actual = await db.query(describe)
+        versions = [r.version for r in await db.read(sa.select(schema_migrations.c.version))]
         assert versions == [v for v, _, _ in MIGRATIONS]
         expected = describe(metadata)
         # primary keys are never null, whatever a column says

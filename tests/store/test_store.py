@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ async def store(database_url: str, tmp_path: Path) -> Store:
 async def dump(store: Store) -> str:
     """Every row of every table, as text."""
     out = []
-    async with store.db.engine.connect() as conn:
-        for table in (api_keys, reservations, ledger):
-            out += [repr(tuple(r)) for r in await conn.execute(sa.select(table))]
+    for table in (api_keys, reservations, ledger):
+        out += [repr(tuple(r)) for r in await store.db.read(sa.select(table))]
     return "\n".join(out)
 
 
@@ -288,9 +286,9 @@ async def test_a_heartbeat_never_waits_behind_requests_for_a_connection(postgres
     await store.open(server=True)
     held: list[Any] = []
     try:
-        pool = store.db.engine.pool
-        for _ in range(pool.size() + store.db.engine.pool._max_overflow):  # type: ignore[attr-defined]
-            conn = await store.db.engine.connect()
+        pool = store.db.async_engine.pool
+        for _ in range(pool.size() + pool._max_overflow):  # type: ignore[attr-defined]
+            conn = await store.db.async_engine.connect()
             await conn.begin()
             held.append(conn)
         beat = asyncio.create_task(store.quota.heartbeat(now=5000.0))
@@ -422,11 +420,12 @@ async def test_a_failed_upload_commit_leaves_no_file(store: Store) -> None:
 async def test_an_upload_whose_transaction_fails_leaves_no_file(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = store.db.write
 
-    @contextlib.asynccontextmanager
-    async def failing_write():  # type: ignore[no-untyped-def]
-        async with real_write() as conn:
-            yield conn
+    async def failing_write(work):  # type: ignore[no-untyped-def]
+        def then_fail(conn):  # type: ignore[no-untyped-def]
+            work(conn)
             raise ConnectionResetError("the database went away before COMMIT")  # injected: rolls back
+
+        return await real_write(then_fail)
 
     monkeypatch.setattr(store.db, "write", failing_write)
     temp = store.files.temp_path()
@@ -447,8 +446,7 @@ async def test_every_string_the_database_sees_is_bounded_and_clean(store: Store)
     )
     who = await store.keys.authenticate("sk-static")
     await store.quota.admit(who, "req-1", model="q\x00" * 200, protocol="openai")
-    async with store.db.engine.connect() as conn:
-        models = [r.model for r in await conn.execute(sa.select(reservations.c.model))]
+    models = [r.model for r in await store.db.read(sa.select(reservations.c.model))]
     assert models and all(len(m) <= 100 and "\x00" not in m for m in models)
 
 

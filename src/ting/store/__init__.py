@@ -90,15 +90,17 @@ class Store:
 
     async def secret(self, name: str) -> bytes:
         """A server-wide secret (e.g. for signing upload policies), made on first use, shared by replicas."""
+
+        def work(conn: sa.Connection) -> str:
+            query = sa.select(server_secrets.c.value).where(server_secrets.c.name == name)
+            value = conn.execute(query).scalar()
+            if value is None:
+                value = secrets.token_hex(32)
+                conn.execute(server_secrets.insert().values(name=name, value=value))
+            return str(value)
+
         rows = await self.db.read(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
-        if not rows:
-            async with self.db.write() as conn:
-                if not (
-                    await conn.execute(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
-                ).first():
-                    await conn.execute(server_secrets.insert().values(name=name, value=secrets.token_hex(32)))
-            rows = await self.db.read(sa.select(server_secrets.c.value).where(server_secrets.c.name == name))
-        return bytes.fromhex(rows[0][0])
+        return bytes.fromhex(rows[0][0] if rows else await self.db.write(work))
 
     async def close(self) -> None:
         await self.db.close()

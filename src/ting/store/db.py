@@ -1,6 +1,7 @@
 """The database: SQLite in the data directory by default, PostgreSQL for several replicas.
 
-SQLAlchemy Core (async) speaks both. SQLite runs in WAL mode with synchronous=FULL (a usage row survives a
+SQLAlchemy Core speaks both; every transaction is one synchronous function (`Database.write`), run on SQLite's
+own thread or through asyncpg. SQLite runs in WAL mode with synchronous=FULL (a usage row survives a
 crash and a power cut) and takes its write lock at the start of each transaction (BEGIN IMMEDIATE), so a
 read-then-write never fails half-way with SQLITE_BUSY; concurrent writers wait up to busy_timeout.
 PostgreSQL locks the rows it is about to change (SELECT ... FOR UPDATE). The tables below are the schema the code
@@ -13,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ting.store.migrations import MIGRATIONS
 
@@ -134,10 +134,12 @@ schema_migrations = sa.Table(
 )
 
 
+T = TypeVar("T")
+Work = Callable[[sa.Connection], T]  # what runs inside one transaction (or one read-only connection)
+
+
 def async_url(url: str) -> str:
-    """Pick the async driver: sqlite -> aiosqlite, postgresql -> asyncpg."""
-    if url.startswith("sqlite:"):
-        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
+    """PostgreSQL's async driver: postgresql -> asyncpg."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
@@ -145,19 +147,40 @@ def async_url(url: str) -> str:
 
 
 class Database:
+    """Each transaction is one synchronous function of a SQLAlchemy Connection (`write(work)`), run whole:
+
+    * SQLite: on a thread of its own, with the standard library's driver. One writer thread takes the
+      transactions in turn, first come first served (SQLite has one writer at a time), and two reader threads the
+      reads (WAL: readers never wait for the writer). The event loop hands over each transaction once: an async
+      driver crosses threads for every statement, fetch and cursor close (about 48 crossings per chat request,
+      17 ms of the event loop's CPU against 5 now: bench/server.py, issue 14).
+    * PostgreSQL: asyncpg, the work run by SQLAlchemy's `run_sync` in the event loop.
+
+    A transaction whose caller is cancelled before it started does not run; once started, it runs to its end.
+    """
+
     def __init__(self, url: str) -> None:
-        self.url = async_url(url)
-        self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
-        self._writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        self.url = url.replace("sqlite+aiosqlite:", "sqlite:", 1) if self.dialect == "sqlite" else async_url(url)
         self._aside: AsyncEngine | None = None  # PostgreSQL: one connection of its own, for the heartbeat
+        self._sqlite: sa.Engine | None = None
+        self._async: AsyncEngine | None = None
         if self.dialect == "sqlite":
             path = sa.engine.make_url(self.url).database
             if path and path != ":memory:":
                 private_file(Path(path))
-            self.engine: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
-            _sqlite_pragmas(self.engine)
+            self._sqlite = sa.create_engine(self.url, pool_size=3, max_overflow=0)
+            _sqlite_pragmas(self._sqlite)
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="ting-db-write")
+            self._readers = ThreadPoolExecutor(2, thread_name_prefix="ting-db-read")
         else:
-            self.engine = create_async_engine(self.url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self._async = create_async_engine(self.url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """PostgreSQL's engine (tests hold its connections)."""
+        assert self._async is not None, "SQLite has no async engine"
+        return self._async
 
     @property
     def for_update(self) -> bool:
@@ -166,64 +189,81 @@ class Database:
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations; returns their names. Safe to run from several replicas at once."""
-        applied: list[str] = []
-        async with self.write() as conn:
+
+        def work(conn: sa.Connection) -> list[str]:
+            applied: list[str] = []
             if self.dialect == "postgresql":
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(727175)"))  # one migrator at a time
-            await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[schema_migrations]))
-            done = {row.version for row in await conn.execute(sa.select(schema_migrations.c.version))}
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727175)"))  # one migrator at a time
+            metadata.create_all(conn, tables=[schema_migrations])
+            done = {row.version for row in conn.execute(sa.select(schema_migrations.c.version))}
             for version, name, migration in MIGRATIONS:
                 if version not in done:
-                    await migration(conn)
-                    await conn.execute(
-                        schema_migrations.insert().values(version=version, name=name, applied_at=time.time())
-                    )
+                    migration(conn)
+                    conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
                     applied.append(name)
-        return applied
+            return applied
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that may write (SQLite: BEGIN IMMEDIATE).
+        return await self.write(work)
 
-        SQLite has one writer at a time: this process's writers queue for it in turn (first come, first served),
-        so that none of them polls the file lock until busy_timeout runs out while others keep taking it.
-        """
-        if self.dialect != "sqlite":
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        loop = asyncio.get_running_loop()
-        lock = self._writers.get(loop)
-        if lock is None:
-            lock = self._writers[loop] = asyncio.Lock()
-        async with lock, self.engine.begin() as conn:
-            yield conn
+    async def write(self, work: Work[T]) -> T:
+        """Run `work` in one transaction that may write (SQLite: BEGIN IMMEDIATE); commit, or roll back if it
+        raises."""
+        if self._sqlite is not None:
+            return await self._on(self._writer, _transaction, self._sqlite, work)
+        async with self.async_engine.begin() as conn:
+            return await conn.run_sync(work)
 
-    @asynccontextmanager
-    async def write_aside(self) -> AsyncIterator[AsyncConnection]:
+    async def write_aside(self, work: Work[T]) -> T:
         """A short write transaction that never queues behind the requests' transactions for a connection.
 
         PostgreSQL: a connection of its own. Under load every pooled connection can be waiting on a busy key's
         row; a heartbeat queued behind them would make its replica look dead to the others, which would then
         release requests it is still serving. SQLite: an ordinary write (one server; nobody judges its heartbeat).
         """
-        if self.dialect == "sqlite":
-            async with self.write() as conn:
-                yield conn
-            return
+        if self._sqlite is not None:
+            return await self.write(work)
         if self._aside is None:
             self._aside = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
         async with self._aside.begin() as conn:
-            yield conn
+            return await conn.run_sync(work)
+
+    async def query(self, work: Work[T]) -> T:
+        """Run `work` on a connection that only reads (several statements, one round trip)."""
+        if self._sqlite is not None:
+            return await self._on(self._readers, _reading, self._sqlite, work)
+        async with self.async_engine.connect() as conn:
+            return await conn.run_sync(work)
 
     async def read(self, statement: Any) -> list[Any]:
-        async with self.engine.connect() as conn:
-            return list(await conn.execute(statement))
+        """The rows of one SELECT."""
+        return await self.query(lambda conn: list(conn.execute(statement)))
+
+    @staticmethod
+    async def _on(
+        threads: ThreadPoolExecutor, run: Callable[[sa.Engine, Work[T]], T], engine: sa.Engine, work: Work[T]
+    ) -> T:
+        return await asyncio.get_running_loop().run_in_executor(threads, run, engine, work)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        if self._sqlite is not None:
+            for threads in (self._writer, self._readers):
+                await asyncio.to_thread(threads.shutdown)
+            self._sqlite.dispose()
+        if self._async is not None:
+            await self._async.dispose()
         if self._aside is not None:
             await self._aside.dispose()
+
+
+def _transaction(engine: sa.Engine, work: Work[T]) -> T:
+    with engine.begin() as conn:
+        return work(conn)
+
+
+def _reading(engine: sa.Engine, work: Work[T]) -> T:
+    with engine.connect() as conn:
+        conn.execution_options(ting_read_only=True)  # a deferred BEGIN: WAL readers take no lock (_sqlite_pragmas)
+        return work(conn)
 
 
 def bounded(text: str, max_chars: int) -> str:
@@ -253,8 +293,8 @@ def private_file(path: Path) -> None:
         path.chmod(0o600)
 
 
-def _sqlite_pragmas(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_pragmas(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN
         cursor = dbapi_connection.cursor()
@@ -262,6 +302,6 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("ting_read_only") else "BEGIN IMMEDIATE")

@@ -17,9 +17,9 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ting.errors import DownloadFailed, UploadRejected
 from ting.store.db import MODEL_COLUMN_CHARS, Database, bounded, private_dir, upload_data, uploads
@@ -60,21 +60,22 @@ class FileStore:
         now: float | None = None,
     ) -> None:
         """Refuse, before anything is read, an upload that its policy or its key's storage has no room for."""
-        now = time.time() if now is None else now
-        async with self.db.engine.connect() as conn:
-            await self._check_room(
+        at = time.time() if now is None else now
+        await self.db.query(
+            lambda conn: self._check_room(
                 conn,
                 policy_dir,
                 owner=owner,
                 size=size,
                 max_owner_bytes=max_owner_bytes,
                 max_objects=max_objects,
-                now=now,
+                now=at,
             )
+        )
 
-    async def _check_room(
+    def _check_room(
         self,
-        conn: AsyncConnection,
+        conn: sa.Connection,
         policy_dir: str,
         *,
         owner: str,
@@ -83,22 +84,18 @@ class FileStore:
         max_objects: int,
         now: float,
     ) -> None:
-        under_policy = (
-            await conn.execute(
-                sa.select(sa.func.count())
-                .select_from(uploads)
-                .where(uploads.c.object_key.startswith(policy_dir + "/", autoescape=True))
-            )
+        under_policy = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(uploads)
+            .where(uploads.c.object_key.startswith(policy_dir + "/", autoescape=True))
         ).scalar_one()
         if under_policy >= max_objects:
             raise UploadRejected(
                 f"Invalid according to Policy: a policy uploads at most {max_objects} object(s); ask for a new one."
             )
-        kept = (
-            await conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(uploads.c.size), 0)).where(
-                    uploads.c.owner == owner, uploads.c.expires_at > now
-                )
+        kept = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(uploads.c.size), 0)).where(
+                uploads.c.owner == owner, uploads.c.expires_at > now
             )
         ).scalar_one()
         if int(kept) + size > max_owner_bytes:
@@ -127,46 +124,49 @@ class FileStore:
         With `policy_dir` and `max_owner_bytes`, the policy's object count and the owner's stored bytes are
         checked again inside the transaction (one owner's commits take turns on PostgreSQL). In the database,
         the bytes are written in the same transaction as their row; on disk, the file is moved into place."""
-        now = time.time() if now is None else now
+        at = time.time() if now is None else now
         name = "" if self.in_database else secrets.token_hex(16)
         kept = self.root / name if name else None
-        try:
-            async with self.db.write() as conn:
-                if self.db.dialect == "postgresql":
-                    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
-                existing = (await conn.execute(sa.select(uploads).where(uploads.c.object_key == object_key))).first()
-                if existing is not None and existing.expires_at > now:
-                    raise _already_exists()
-                if existing is not None:
-                    await self._delete(conn, [object_key])
-                    self._unlink(existing.path)
-                if policy_dir is not None and max_owner_bytes is not None:
-                    await self._check_room(
-                        conn,
-                        policy_dir,
-                        owner=owner,
-                        size=size,
-                        max_owner_bytes=max_owner_bytes,
-                        max_objects=max_objects,
-                        now=now,
-                    )
-                await conn.execute(
-                    uploads.insert().values(
-                        object_key=object_key,
-                        owner=owner,
-                        model=bounded(model, MODEL_COLUMN_CHARS),
-                        path=name,
-                        size=size,
-                        created_at=now,
-                        expires_at=now + self.ttl_s,
-                    )
+
+        def work(conn: sa.Connection) -> None:
+            if self.db.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+            existing = conn.execute(sa.select(uploads).where(uploads.c.object_key == object_key)).first()
+            if existing is not None and existing.expires_at > at:
+                raise _already_exists()
+            if existing is not None:
+                self._delete(conn, [object_key])
+                self._unlink(existing.path)
+            if policy_dir is not None and max_owner_bytes is not None:
+                self._check_room(
+                    conn,
+                    policy_dir,
+                    owner=owner,
+                    size=size,
+                    max_owner_bytes=max_owner_bytes,
+                    max_objects=max_objects,
+                    now=at,
                 )
-                if self.in_database:
-                    data = await asyncio.to_thread(temp.read_bytes)
-                    await conn.execute(upload_data.insert().values(object_key=object_key, data=data))
-                else:
-                    assert kept is not None
-                    await asyncio.to_thread(os.replace, temp, kept)
+            conn.execute(
+                uploads.insert().values(
+                    object_key=object_key,
+                    owner=owner,
+                    model=bounded(model, MODEL_COLUMN_CHARS),
+                    path=name,
+                    size=size,
+                    created_at=at,
+                    expires_at=at + self.ttl_s,
+                )
+            )
+            if data is not None:
+                conn.execute(upload_data.insert().values(object_key=object_key, data=data))
+            else:
+                assert kept is not None
+                os.replace(temp, kept)
+
+        try:
+            data = await asyncio.to_thread(temp.read_bytes) if self.in_database else None
+            await self.db.write(work)
         except sa.exc.IntegrityError:  # PostgreSQL: another upload of the same key committed first
             self._unlink(name)
             raise _already_exists() from None
@@ -197,24 +197,27 @@ class FileStore:
 
     async def purge(self, now: float | None = None) -> int:
         """Delete expired uploads; returns how many."""
-        now = time.time() if now is None else now
-        async with self.db.write() as conn:
+        at = time.time() if now is None else now
+
+        def work(conn: sa.Connection) -> list[Any]:
             expired = list(
-                await conn.execute(sa.select(uploads.c.object_key, uploads.c.path).where(uploads.c.expires_at <= now))
+                conn.execute(sa.select(uploads.c.object_key, uploads.c.path).where(uploads.c.expires_at <= at))
             )
-            if expired:
-                await self._delete(conn, [row.object_key for row in expired])
+            self._delete(conn, [row.object_key for row in expired])
+            return expired
+
+        expired = await self.db.write(work)
         for row in expired:
             self._unlink(row.path)
         return len(expired)
 
     @staticmethod
-    async def _delete(conn: AsyncConnection, object_keys: list[str]) -> None:
+    def _delete(conn: sa.Connection, object_keys: list[str]) -> None:
         """Delete uploads and the bytes kept in the database for them (also its foreign key's cascade)."""
         for start in range(0, len(object_keys), 500):
             batch = object_keys[start : start + 500]
-            await conn.execute(upload_data.delete().where(upload_data.c.object_key.in_(batch)))
-            await conn.execute(uploads.delete().where(uploads.c.object_key.in_(batch)))
+            conn.execute(upload_data.delete().where(upload_data.c.object_key.in_(batch)))
+            conn.execute(uploads.delete().where(uploads.c.object_key.in_(batch)))
 
     def _unlink(self, name: str) -> None:
         if not name:  # the bytes were in the database

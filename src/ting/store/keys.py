@@ -117,8 +117,7 @@ class Keys:
             rpm=rpm,
             max_concurrency=max_concurrency,
         )
-        async with self.db.write() as conn:
-            await conn.execute(api_keys.insert().values(**values))
+        await self.db.write(lambda conn: conn.execute(api_keys.insert().values(**values)))
         return key, KeyInfo(**{k: v for k, v in values.items() if k != "key_hash"})  # type: ignore[arg-type]
 
     async def list(self) -> list[KeyInfo]:
@@ -138,12 +137,12 @@ class Keys:
 
     async def revoke(self, id_or_prefix: str, now: float | None = None) -> KeyInfo:
         key = await self.find(id_or_prefix)
-        async with self.db.write() as conn:
-            await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key.id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=time.time() if now is None else now)
-            )
+        revoked = (
+            api_keys.update()
+            .where(api_keys.c.id == key.id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=time.time() if now is None else now)
+        )
+        await self.db.write(lambda conn: conn.execute(revoked))
         return await self.find(key.id)
 
     async def open(self) -> bool:
@@ -167,19 +166,24 @@ class Keys:
         digest = hash_key(token) if token else ""
         if digest and any(hmac.compare_digest(digest, h) for h in self._static):
             return Principal(key_id=None, name="static", owner="static:" + digest[:16])
-        if digest:
-            rows = await self.db.read(sa.select(api_keys).where(api_keys.c.key_hash == digest))
-            if rows:
-                key = _info(rows[0])
-                state = key.state(now)
-                if state == "revoked":
-                    raise AuthError()  # indistinguishable from a key that never existed
-                if state == "expired":
-                    raise AccessDenied("The API key has expired.")
-                return Principal(
-                    key_id=key.id, name=key.name, owner=key.id, rpm=key.rpm, max_concurrency=key.max_concurrency
-                )
-        if self._static or await self.db.read(sa.select(api_keys.c.id).limit(1)):
+        row, any_key = await self.db.query(lambda conn: _key_by_hash(conn, digest))
+        if row is not None:
+            key = _info(row)
+            state = key.state(now)
+            if state == "revoked":
+                raise AuthError()  # indistinguishable from a key that never existed
+            if state == "expired":
+                raise AccessDenied("The API key has expired.")
+            return Principal(
+                key_id=key.id, name=key.name, owner=key.id, rpm=key.rpm, max_concurrency=key.max_concurrency
+            )
+        if self._static or any_key:
             raise AuthError()
         # An open server (no key configured anywhere): anyone may call; uploads are bound to their token.
         return Principal(key_id=None, name="anonymous", owner="anon:" + (digest[:16] or "none"))
+
+
+def _key_by_hash(conn: sa.Connection, digest: str) -> tuple[sa.Row[Any] | None, bool]:
+    """The key whose hash is `digest` (None: no such key), and whether any key exists (one round trip)."""
+    row = conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest)).first() if digest else None
+    return row, row is not None or conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None

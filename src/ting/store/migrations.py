@@ -6,15 +6,14 @@ them all gives the schema db.py describes, on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-Migration = Callable[[AsyncConnection], Awaitable[None]]
+Migration = Callable[[sa.Connection], None]  # runs inside the migrating transaction
 
 
-async def v1_initial_schema(conn: AsyncConnection) -> None:
+def v1_initial_schema(conn: sa.Connection) -> None:
     """Keys, reservations, the ledger, rate windows, instances, uploads and server secrets (Ting 0.1)."""
     schema = sa.MetaData()
     sa.Table(
@@ -105,10 +104,10 @@ async def v1_initial_schema(conn: AsyncConnection) -> None:
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("value", sa.String(200), nullable=False),
     )
-    await conn.run_sync(schema.create_all)
+    schema.create_all(conn)
 
 
-async def v2_upload_data(conn: AsyncConnection) -> None:
+def v2_upload_data(conn: sa.Connection) -> None:
     """Uploaded bytes in the database, so that replicas sharing PostgreSQL read each other's uploads (Ting 0.2)."""
     schema = sa.MetaData()
     sa.Table(  # the parent, as migration 1 left it, for the foreign key only (not created here)
@@ -122,7 +121,7 @@ async def v2_upload_data(conn: AsyncConnection) -> None:
         ),
         sa.Column("data", sa.LargeBinary, nullable=False),
     )
-    await conn.run_sync(lambda sync: schema.create_all(sync, tables=[upload_data]))
+    schema.create_all(conn, tables=[upload_data])
 
 
 MIGRATIONS: list[tuple[int, str, Migration]] = [

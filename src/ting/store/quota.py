@@ -24,10 +24,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ting.errors import AccessDenied, AuthError, ConcurrencyLimited, QuotaExhausted, RateLimited, TingError
-from ting.store.db import MODEL_COLUMN_CHARS, Database, api_keys, bounded, instances, ledger, rate_windows, reservations
+from ting.store.db import (
+    MODEL_COLUMN_CHARS,
+    Database,
+    Work,
+    api_keys,
+    bounded,
+    instances,
+    ledger,
+    rate_windows,
+    reservations,
+)
 from ting.store.keys import Principal
 from ting.types import Usage
 
@@ -68,11 +77,11 @@ class Quota:
         self.instance_id = instance_id
         self.stale_s = stale_s
 
-    async def _key_row(self, conn: AsyncConnection, key_id: str) -> sa.Row[Any]:
+    def _key_row(self, conn: sa.Connection, key_id: str) -> sa.Row[Any]:
         query = sa.select(api_keys).where(api_keys.c.id == key_id)
         if self.db.for_update:
             query = query.with_for_update()
-        row = (await conn.execute(query)).first()
+        row = conn.execute(query).first()
         if row is None:
             raise AuthError()
         return row
@@ -81,14 +90,13 @@ class Quota:
         self, who: Principal, request_id: str, *, model: str, protocol: str, now: float | None = None
     ) -> None:
         """Start a request, or raise (after writing its ledger row) when a limit refuses it."""
-        now = time.time() if now is None else now
+        at = time.time() if now is None else now
         model = bounded(model, MODEL_COLUMN_CHARS)
-        refusal: TingError | None = None
-        async with self.db.write() as conn:
-            if who.key_id is not None:
-                refusal = await self._check_limits(conn, who.key_id, now)
+
+        def work(conn: sa.Connection) -> TingError | None:
+            refusal = None if who.key_id is None else self._check_limits(conn, who.key_id, at)
             if refusal is None:
-                await conn.execute(
+                conn.execute(
                     reservations.insert().values(
                         request_id=request_id,
                         key_id=who.key_id,
@@ -96,11 +104,11 @@ class Quota:
                         model=model,
                         protocol=protocol,
                         instance_id=self.instance_id,
-                        created_at=now,
+                        created_at=at,
                     )
                 )
             else:
-                await conn.execute(
+                conn.execute(
                     ledger.insert().values(
                         request_id=request_id,
                         key_id=who.key_id,
@@ -108,14 +116,17 @@ class Quota:
                         protocol=protocol,
                         status="refused",
                         error_code=refusal.code,
-                        created_at=now,
+                        created_at=at,
                     )
                 )
+            return refusal
+
+        refusal = await self.db.write(work)
         if refusal is not None:
             raise refusal
 
-    async def _check_limits(self, conn: AsyncConnection, key_id: str, now: float) -> TingError | None:
-        key = await self._key_row(conn, key_id)
+    def _check_limits(self, conn: sa.Connection, key_id: str, now: float) -> TingError | None:
+        key = self._key_row(conn, key_id)
         if key.revoked_at is not None:
             return AuthError()
         if key.expires_at is not None and key.expires_at <= now:
@@ -123,18 +134,16 @@ class Quota:
         if key.quota_tokens is not None and key.spent_tokens + key.reserved_tokens >= key.quota_tokens:
             return QuotaExhausted()
         if key.max_concurrency is not None:
-            in_flight = (
-                await conn.execute(
-                    sa.select(sa.func.count()).select_from(reservations).where(reservations.c.key_id == key_id)
-                )
+            in_flight = conn.execute(
+                sa.select(sa.func.count()).select_from(reservations).where(reservations.c.key_id == key_id)
             ).scalar_one()
             if in_flight >= key.max_concurrency:
                 return ConcurrencyLimited()
         if key.rpm is not None:
-            return await self._count_request(conn, key_id, key.rpm, now)
+            return self._count_request(conn, key_id, key.rpm, now)
         return None
 
-    async def _count_request(self, conn: AsyncConnection, key_id: str, rpm: int, now: float) -> TingError | None:
+    def _count_request(self, conn: sa.Connection, key_id: str, rpm: int, now: float) -> TingError | None:
         """Count a request against `rpm` over the last minute, or refuse it with the seconds until one fits.
 
         A sliding-window counter: the requests of the current minute plus the previous minute's, weighted by how
@@ -144,25 +153,23 @@ class Quota:
         window = int(now // WINDOW_S)
         elapsed = (now - window * WINDOW_S) / WINDOW_S  # of the current minute, in [0, 1)
         counts = dict(
-            (
-                await conn.execute(
-                    sa.select(rate_windows.c.window_start, rate_windows.c.requests).where(
-                        rate_windows.c.key_id == key_id, rate_windows.c.window_start >= window - 1
-                    )
+            conn.execute(
+                sa.select(rate_windows.c.window_start, rate_windows.c.requests).where(
+                    rate_windows.c.key_id == key_id, rate_windows.c.window_start >= window - 1
                 )
             ).all()
         )
         allowed = _allowed(rpm, counts.get(window - 1, 0), elapsed)
         if counts.get(window, 0) < allowed:
             if window not in counts:
-                await conn.execute(rate_windows.insert().values(key_id=key_id, window_start=window, requests=1))
-                await conn.execute(
+                conn.execute(rate_windows.insert().values(key_id=key_id, window_start=window, requests=1))
+                conn.execute(
                     rate_windows.delete().where(
                         rate_windows.c.key_id == key_id, rate_windows.c.window_start < window - 1
                     )
                 )
                 return None
-            counted = await conn.execute(
+            counted = conn.execute(
                 rate_windows.update()
                 .where(  # atomic: a concurrent count may have won
                     rate_windows.c.key_id == key_id,
@@ -173,20 +180,19 @@ class Quota:
             )
             if counted.rowcount == 1:
                 return None
-            counts[window] = (
-                await conn.execute(
-                    sa.select(rate_windows.c.requests).where(
-                        rate_windows.c.key_id == key_id, rate_windows.c.window_start == window
-                    )
+            counts[window] = conn.execute(
+                sa.select(rate_windows.c.requests).where(
+                    rate_windows.c.key_id == key_id, rate_windows.c.window_start == window
                 )
             ).scalar_one()
         return RateLimited(retry_after_s=_seconds_until_one_fits(rpm, counts, now))
 
     async def reserve(self, who: Principal, request_id: str, tokens: int) -> None:
         """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted."""
-        async with self.db.write() as conn:
+
+        def work(conn: sa.Connection) -> bool:
             if who.key_id is not None:
-                granted = await conn.execute(
+                granted = conn.execute(
                     api_keys.update()
                     .where(
                         api_keys.c.id == who.key_id,
@@ -198,29 +204,22 @@ class Quota:
                     .values(reserved_tokens=api_keys.c.reserved_tokens + tokens)
                 )
                 if granted.rowcount == 0:
-                    await self._settle(
-                        conn, request_id, Outcome("refused", error_code=QuotaExhausted.code), time.time()
-                    )
-                    refused = True
-                else:
-                    refused = False
-            else:
-                refused = False
-            if not refused:
-                await conn.execute(
-                    reservations.update().where(reservations.c.request_id == request_id).values(tokens=tokens)
-                )
-        if refused:
+                    self._settle(conn, request_id, Outcome("refused", error_code=QuotaExhausted.code), time.time())
+                    return False
+            conn.execute(reservations.update().where(reservations.c.request_id == request_id).values(tokens=tokens))
+            return True
+
+        if not await self.db.write(work):
             raise QuotaExhausted()
 
     async def settle(self, request_id: str, outcome: Outcome, now: float | None = None) -> bool:
         """Charge and record a request. False when it was already settled (a no-op)."""
-        async with self.db.write() as conn:
-            return await self._settle(conn, request_id, outcome, time.time() if now is None else now)
+        at = time.time() if now is None else now
+        return await self.db.write(lambda conn: self._settle(conn, request_id, outcome, at))
 
-    async def _settle(
+    def _settle(
         self,
-        conn: AsyncConnection,
+        conn: sa.Connection,
         request_id: str,
         outcome: Outcome,
         now: float,
@@ -230,15 +229,15 @@ class Quota:
         query = sa.select(reservations).where(reservations.c.request_id == request_id, *(only_if or []))
         if self.db.for_update:
             query = query.with_for_update()
-        held = (await conn.execute(query)).first()
+        held = conn.execute(query).first()
         if held is None:
             return False
-        deleted = await conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
+        deleted = conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
         if deleted.rowcount != 1:  # another transaction settled it first
             return False
         charged = min(outcome.usage.total_tokens, held.tokens)  # what ran (nothing, for what was refused before)
         if held.key_id is not None:
-            await conn.execute(
+            conn.execute(
                 api_keys.update()
                 .where(api_keys.c.id == held.key_id)
                 .values(
@@ -247,7 +246,7 @@ class Quota:
                 )
             )
         u = outcome.usage
-        await conn.execute(
+        conn.execute(
             ledger.insert().values(
                 request_id=request_id,
                 key_id=held.key_id,
@@ -269,13 +268,14 @@ class Quota:
     # --- liveness and crash recovery ------------------------------------------------------------------------
 
     async def heartbeat(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        async with self.db.write_aside() as conn:
-            updated = await conn.execute(
-                instances.update().where(instances.c.id == self.instance_id).values(heartbeat_at=now)
-            )
+        at = time.time() if now is None else now
+
+        def work(conn: sa.Connection) -> None:
+            updated = conn.execute(instances.update().where(instances.c.id == self.instance_id).values(heartbeat_at=at))
             if updated.rowcount == 0:
-                await conn.execute(instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now))
+                conn.execute(instances.insert().values(id=self.instance_id, started_at=at, heartbeat_at=at))
+
+        await self.db.write_aside(work)
 
     async def recover(self, *, everyone_else: bool = False, starting: bool = False, now: float | None = None) -> int:
         """Release reservations left by dead servers; returns how many.
@@ -288,23 +288,27 @@ class Quota:
         that held one request's key row while it waited for another request's reservation could deadlock with
         that request's own settlement.
         """
-        now = time.time() if now is None else now
+        at = time.time() if now is None else now
         orphaned: list[sa.ColumnElement[bool]] = []
         if not everyone_else:
             alive = sa.select(instances.c.id).where(
-                instances.c.heartbeat_at >= now - self.stale_s, instances.c.id != self.instance_id
+                instances.c.heartbeat_at >= at - self.stale_s, instances.c.id != self.instance_id
             )
             orphaned.append(reservations.c.instance_id.not_in(alive))
         if not starting:
             orphaned.append(reservations.c.instance_id != self.instance_id)
         orphans = [row.request_id for row in await self.db.read(sa.select(reservations.c.request_id).where(*orphaned))]
         released = 0
+        interrupted = Outcome("interrupted", error_code="ServerRestarted")
+
+        def release(request_id: str) -> Work[bool]:
+            return lambda conn: self._settle(conn, request_id, interrupted, at, only_if=orphaned)
+
         for request_id in orphans:
-            async with self.db.write() as conn:
-                outcome = Outcome("interrupted", error_code="ServerRestarted")
-                released += await self._settle(conn, request_id, outcome, now, only_if=orphaned)
-        async with self.db.write() as conn:
-            await conn.execute(instances.delete().where(instances.c.heartbeat_at < now - 24 * 3600))
+            released += await self.db.write(release(request_id))
+        await self.db.write(
+            lambda conn: conn.execute(instances.delete().where(instances.c.heartbeat_at < at - 24 * 3600))
+        )
         return released
 
     async def in_flight(self) -> int:
