@@ -311,17 +311,25 @@ def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
         raise InvalidDataUri(
             "The data URI is invalid: only base64 data URIs are accepted (data:[<mime>];base64,<payload>)."
         )
+    try:  # the usual payload: plain base64, padded (the alphabet and padding are checked by b64decode itself)
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        data = _lenient_base64(payload)
+    if not data:
+        raise AudioEmpty()
+    return data
+
+
+def _lenient_base64(payload: str) -> bytes:
+    """Base64 with ASCII whitespace anywhere and `=` padding missing, as browsers and some SDKs send it."""
     raw = "".join(payload.split()).encode("ascii", "replace")
     if len(raw) % 4 == 1 or not _BASE64_CHARS.match(raw):
         raise InvalidDataUri("The data URI is invalid: its payload is not valid base64.")
     raw += b"=" * (-len(raw) % 4)
     try:
-        data = base64.b64decode(raw, validate=True)
+        return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidDataUri("The data URI is invalid: its payload is not valid base64.") from None
-    if not data:
-        raise AudioEmpty()
-    return data
 
 
 class ObjectStore(Protocol):
