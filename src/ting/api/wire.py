@@ -21,7 +21,7 @@ def unicode_problem(value: Any) -> str | None:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if not item.isascii() and _SURROGATE.search(item):  # isascii is O(1): a base64 payload is not scanned
                 return (
                     "a string holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode; "
                     "send UTF-8 text"
