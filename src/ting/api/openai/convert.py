@@ -14,7 +14,6 @@ from ting.api.openai.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
-    ChunkChoice,
     CompletionTokensDetails,
     CompletionUsage,
     ContentPart,
@@ -184,13 +183,19 @@ def completion_body(
 def chunk_body(
     request_id: str, model: str, created: int, delta: dict[str, str], finish: FinishReason | None, include_usage: bool
 ) -> dict[str, Any]:
-    chunk = ChatCompletionChunk(
-        id=f"chatcmpl-{request_id}",
-        created=created,
-        model=model,
-        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
-    )
-    return chunk.model_dump(exclude=None if include_usage else {"usage"})
+    """One chat.completion.chunk, as a plain dict (once per generated token of every stream: no pydantic model
+    on this path). tests/api/test_frames.py checks it equals ChatCompletionChunk's dump."""
+    chunk: dict[str, Any] = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None  # present, null until the last event
+    return chunk
 
 
 def usage_chunk_body(request_id: str, model: str, created: int, usage: Usage) -> dict[str, Any]:
