@@ -212,7 +212,9 @@ def free_port() -> int:
 class Server:
     """`ting serve` on a loopback port, its engine never stopping at end-of-sequence."""
 
-    def __init__(self, path: Path, home: Path, *, dummy: bool, slots: int, engine_process: bool) -> None:
+    def __init__(
+        self, path: Path, home: Path, *, dummy: bool, slots: int, engine_process: bool, threads: int = 0
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -238,6 +240,8 @@ class Server:
             "--log-level",
             "warning",
             "--engine-process" if engine_process else "--no-engine-process",
+            "--engine-threads",
+            str(threads),
         ]
         if dummy:
             args += ["--load-format", "dummy"]
@@ -276,6 +280,13 @@ def main() -> None:
     parser.add_argument("--audio-seconds", type=float, default=2.6)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the engine, in-process and in the server alike (ting serve --engine-threads); "
+        "1: what `ting serve` uses with the model on a GPU, the setting the tiny model stands in for; 0: every core",
+    )
+    parser.add_argument(
         "--before",
         action="store_true",
         help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)",
@@ -290,12 +301,13 @@ def main() -> None:
     results: dict[tuple[str, int], Result] = {}
     print(
         f"# server bench: {args.model}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
-        f"{args.per_client} requests per client",
+        f"{args.per_client} requests per client, engine threads {args.engine_threads or 'auto'}",
         flush=True,
     )
 
     backend = qwen2_audio.load(str(path), random_weights=dummy, max_batch_size=slots)
     engine = Engine(backend, max_batch_size=slots, max_queue=10_000)
+    threads = engine.use_threads(args.engine_threads)
     engine.start()
     asyncio.run(run_in_process(engine, reqs, 2, 1, 4))  # warm-up: a prefill and batched steps
     for c in levels:
@@ -310,7 +322,9 @@ def main() -> None:
     servers = [("http", True)] + ([("thread", False)] if args.before else [])
     with tempfile.TemporaryDirectory(prefix="ting-bench-") as home:
         for prefix, engine_process in servers:
-            server = Server(path, Path(home) / prefix, dummy=dummy, slots=slots, engine_process=engine_process)
+            server = Server(
+                path, Path(home) / prefix, dummy=dummy, slots=slots, engine_process=engine_process, threads=threads
+            )
             try:
                 server.wait_ready()
                 asyncio.run(warm_up_http(server.url, reqs))

@@ -68,6 +68,11 @@ class Settings:
         "Run the model in a process of its own, restarted if it dies or hangs "
         "(--no-engine-process: on a thread of the server process, for debugging).",
     )
+    engine_threads: int = _opt(
+        0,
+        "CPU threads for the model's operations in the engine process; 0: auto (1 when the model is on a GPU, as "
+        "vLLM's workers do: more only spin on the cores the server needs; every core when the model is on the CPU).",
+    )
     engine_hang_timeout_s: float = _opt(
         120.0,
         "Seconds without a decoding step, while requests are in flight, "

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -57,6 +59,16 @@ async def test_results_come_batched_one_message_per_step(remote) -> None:  # typ
     assert remote.stats.steps - before == MAX_NEW - 1  # the first token came from the prefill
 
 
+async def test_on_the_cpu_the_engine_process_uses_torchs_own_default_threads(remote) -> None:  # type: ignore[no-untyped-def]
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert remote.describe()["threads"] == int(fresh.stdout)  # --engine-threads 0 (auto), the model on the CPU
+
+
 async def test_a_closed_stream_is_aborted_in_the_engine_process(remote) -> None:  # type: ignore[no-untyped-def]
     aborted = remote.stats.aborted
     prompt = await remote.prepare(PROMPTS[1])
@@ -68,7 +80,7 @@ async def test_a_closed_stream_is_aborted_in_the_engine_process(remote) -> None:
 
 
 async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serves(tiny_dir: Path) -> None:
-    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=8, first_backoff_s=2.0))
+    engine = RemoteEngine(EngineOptions(path=str(tiny_dir), max_batch_size=8, first_backoff_s=2.0, threads=1))
     await engine.open()
     try:
         first_pid = engine.pid
@@ -95,6 +107,7 @@ async def test_kill_minus_nine_fails_every_request_at_once_and_a_new_engine_serv
         assert refused.value.retry_after_s and not engine.alive
         await wait_for(lambda: engine.alive)
         assert engine.pid != first_pid and engine.restarts == 1 and not psutil.pid_exists(first_pid)
+        assert engine.describe()["threads"] == 1  # the new engine process keeps the options
         assert len(await run(engine, PROMPTS[0], GREEDY)) > 0
     finally:
         await engine.aclose()

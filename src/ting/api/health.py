@@ -29,7 +29,8 @@ def _status(request: Request) -> tuple[int, dict[str, Any]]:
     if engine is not None:
         info = engine.describe()
         stats = engine.stats
-        body.update(device=info.get("device"), dtype=info.get("dtype"), running=stats.running, waiting=stats.waiting)
+        body.update(device=info.get("device"), dtype=info.get("dtype"), threads=info.get("threads"))
+        body.update(running=stats.running, waiting=stats.waiting)
         body.update(steps=stats.steps, generated_tokens=stats.generated_tokens)  # tokens / steps: the mean batch
         body["cache"] = dataclasses.asdict(stats.cache)  # prefix keys and values reused, audio-encoder outputs kept
         restarts = getattr(engine, "restarts", None)  # the engine process

@@ -266,6 +266,7 @@ async def load_engine_for(settings: Settings) -> EngineClient:
             prefix_cache_slots=settings.prefix_cache_slots,
             encoder_cache_mib=settings.encoder_cache_mib,
         )
+        engine.use_threads(settings.engine_threads)
         engine.start()
         return engine
     remote = RemoteEngine(
@@ -280,6 +281,7 @@ async def load_engine_for(settings: Settings) -> EngineClient:
             prefix_caching=settings.prefix_caching,
             prefix_cache_slots=settings.prefix_cache_slots,
             encoder_cache_mib=settings.encoder_cache_mib,
+            threads=settings.engine_threads,
             hang_timeout_s=settings.engine_hang_timeout_s,
             restart_timeout_s=settings.engine_restart_timeout_s,
             max_backoff_s=settings.engine_max_backoff_s,

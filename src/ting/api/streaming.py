@@ -44,6 +44,7 @@ async def with_heartbeats(source: AsyncIterable[T], every_s: float) -> AsyncIter
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     last = loop.time()  # when the queue last got something
+    timer: asyncio.TimerHandle | None = None
 
     def put(item: Any) -> None:
         nonlocal last
@@ -81,7 +82,8 @@ async def with_heartbeats(source: AsyncIterable[T], every_s: float) -> AsyncIter
             else:
                 yield item
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         if not puller.done():
             puller.cancel()
             with contextlib.suppress(BaseException):

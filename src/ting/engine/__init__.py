@@ -122,6 +122,7 @@ class Engine:
         self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 256, prefill_token_budget: int = 1024
     ) -> None:
         self.backend = backend
+        self._threads = 0  # set by use_threads
         self.scheduler = Scheduler(
             backend, max_batch_size=max_batch_size, max_queue=max_queue, prefill_token_budget=prefill_token_budget
         )
@@ -157,9 +158,17 @@ class Engine:
         )
         return cls(apply_test_wrapper(backend), max_batch_size=max_batch_size, max_queue=max_queue)
 
+    def use_threads(self, requested: int) -> int:
+        """Torch's CPU threads for the model (0: auto, qwen2_audio.use_threads); the number set."""
+        from ting.engine import qwen2_audio
+
+        self._threads = qwen2_audio.use_threads(requested, self.backend)
+        return self._threads
+
     def describe(self) -> dict[str, Any]:
         describe = getattr(self.backend, "describe", None)
-        return describe() if describe else {}
+        described: dict[str, Any] = describe() if describe else {}
+        return {**described, "threads": self._threads} if self._threads else described
 
     @property
     def stats(self) -> Stats:

@@ -147,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         results.send_multipart([wire.FAILED, wire.pack(message)])
         results.close(linger=5000)
         return 1
+    from ting.engine import qwen2_audio
+
+    threads = qwen2_audio.use_threads(config.get("threads", 0), backend)
+    log.info("the model's operations use %d CPU thread%s", threads, "" if threads == 1 else "s")
     core = EngineCore(backend, results, max_batch_size=config["max_batch_size"], max_queue=config["max_queue"])
     describe = getattr(backend, "describe", None)
-    core.send(wire.encode_ready(describe() if describe else {}, backend.defaults, backend.max_model_len))
+    described = {**(describe() if describe else {}), "threads": threads}
+    core.send(wire.encode_ready(described, backend.defaults, backend.max_model_len))
     try:
         core.serve(requests, config["parent_pid"])
     finally:

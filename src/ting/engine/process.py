@@ -86,6 +86,7 @@ class EngineOptions:
     prefix_caching: bool = True  # reuse keys and values of earlier requests' prompts (same salt)
     prefix_cache_slots: int = 0  # KV-cache rows beyond max_batch_size that only hold finished sequences
     encoder_cache_mib: int = 256  # audio-encoder outputs kept by clip digest
+    threads: int = 0  # torch's CPU threads in the engine process; 0: auto (qwen2_audio.use_threads)
     hang_timeout_s: float = 120.0  # no step for this long while requests are in flight: the engine is hung
     restart_timeout_s: float = 600.0  # a restarted engine not ready after this long is killed and tried again
     first_backoff_s: float = 0.5  # wait before the first restart; doubles with each failure in a row
@@ -119,6 +120,7 @@ class _Child:
             "prefix_caching": options.prefix_caching,
             "prefix_cache_slots": options.prefix_cache_slots,
             "encoder_cache_mib": options.encoder_cache_mib,
+            "threads": options.threads,
             "requests": requests_addr,
             "results": results_addr,
             "parent_pid": os.getpid(),
