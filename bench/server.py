@@ -6,7 +6,8 @@ question, answered greedily with exactly `--max-tokens` tokens (end-of-sequence 
 a backend wrapper in the server's engine process, so both do the same work). Systems:
 
   in-process    bench/engine.py's way: Engine.prepare / generate in this process (no HTTP, no audio decoding)
-  http-stream   `ting serve` (the engine in its own process), DashScope SSE, a real HTTP client (httpx)
+  http-stream   `ting serve` (the engine in its own process), DashScope SSE, a real HTTP client (aiohttp, as
+                vLLM's benchmark uses; --client httpx for httpx)
   http-plain    the same server, non-streaming answers (TTFT: not seen by the client, so not shown)
   thread-*      with --before: `ting serve --no-engine-process` (the engine on a thread of the server process,
                 as before the engine process existed), streaming and plain
@@ -133,50 +134,87 @@ async def run_in_process(engine: Engine, reqs: list[Any], c: int, per_client: in
     return Result("in-process", c, c * per_client, tokens, wall, ttft)
 
 
-async def run_http(
-    url: str, system: str, reqs: list[Any], c: int, per_client: int, max_tokens: int, stream: bool
-) -> Result:
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+def dashscope_body(reqs: list[Any], i: int, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": "qwen-audio-turbo",
+        "input": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}],
+                }
+            ]
+        },
+        "parameters": {
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "repetition_penalty": 1.0,
+            "incremental_output": True,
+        },
+    }
 
-        async def one(i: int) -> tuple[int, float | None]:
-            body = {
-                "model": "qwen-audio-turbo",
-                "input": {
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [{"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}],
-                        }
-                    ]
-                },
-                "parameters": {
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "repetition_penalty": 1.0,
-                    "incremental_output": True,
-                },
-            }
-            headers = {"Authorization": "Bearer bench"}
-            submitted = time.perf_counter()
-            if not stream:
-                r = await client.post(GENERATION, json=body, headers=headers)
+
+def sse_usage(line: str, submitted: float, first: float | None) -> tuple[int | None, float | None]:
+    """(output tokens so far, time to the first event) after one line of a DashScope event stream."""
+    if line.startswith("event:error"):
+        raise RuntimeError("the server sent an error event")
+    if line.startswith("data:"):
+        return json.loads(line[5:])["usage"]["output_tokens"], first or time.perf_counter() - submitted
+    return None, first
+
+
+async def run_http(
+    url: str,
+    system: str,
+    reqs: list[Any],
+    c: int,
+    per_client: int,
+    max_tokens: int,
+    stream: bool,
+    client_kind: str = "aiohttp",
+) -> Result:
+    """The requests through the server, with aiohttp (vLLM's benchmark client: the lightest on the shared cores)
+    or httpx."""
+    headers = {"Authorization": "Bearer bench", **({"X-DashScope-SSE": "enable"} if stream else {})}
+    if client_kind == "httpx":
+        limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+            async def one(i: int) -> tuple[int, float | None]:
+                submitted, first, usage = time.perf_counter(), None, 0
+                if not stream:
+                    r = await client.post(GENERATION, json=dashscope_body(reqs, i, max_tokens), headers=headers)
+                    r.raise_for_status()
+                    return r.json()["usage"]["output_tokens"], None
+                async with client.stream(
+                    "POST", GENERATION, json=dashscope_body(reqs, i, max_tokens), headers=headers
+                ) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        seen, first = sse_usage(line, submitted, first)
+                        usage = usage if seen is None else seen
+                return usage, first
+
+            tokens, wall, ttft = await closed_loop(c, per_client, one)
+        return Result(system, c, c * per_client, tokens, wall, ttft)
+
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=c + 4)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def one_aiohttp(i: int) -> tuple[int, float | None]:
+            submitted, first, usage = time.perf_counter(), None, 0
+            async with session.post(GENERATION, json=dashscope_body(reqs, i, max_tokens), headers=headers) as r:
                 r.raise_for_status()
-                return r.json()["usage"]["output_tokens"], None
-            first, usage = None, 0
-            async with client.stream(
-                "POST", GENERATION, json=body, headers={**headers, "X-DashScope-SSE": "enable"}
-            ) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if line.startswith("event:error"):
-                        raise RuntimeError("the server sent an error event")
-                    if line.startswith("data:"):
-                        first = first or time.perf_counter() - submitted
-                        usage = json.loads(line[5:])["usage"]["output_tokens"]
+                if not stream:
+                    return int((await r.json())["usage"]["output_tokens"]), None
+                async for raw in r.content:
+                    seen, first = sse_usage(raw.decode().rstrip("\n"), submitted, first)
+                    usage = usage if seen is None else seen
             return usage, first
 
-        tokens, wall, ttft = await closed_loop(c, per_client, one)
+        tokens, wall, ttft = await closed_loop(c, per_client, one_aiohttp)
     return Result(system, c, c * per_client, tokens, wall, ttft)
 
 
@@ -287,6 +325,12 @@ def main() -> None:
         "1: what `ting serve` uses with the model on a GPU, the setting the tiny model stands in for; 0: every core",
     )
     parser.add_argument(
+        "--client",
+        choices=("aiohttp", "httpx"),
+        default="aiohttp",
+        help="the benchmark's HTTP client; it runs on the same cores as the server (aiohttp: about half httpx's CPU)",
+    )
+    parser.add_argument(
         "--before",
         action="store_true",
         help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)",
@@ -332,7 +376,9 @@ def main() -> None:
                     for stream in (True, False):
                         system = f"{prefix}-{'stream' if stream else 'plain'}"
                         before, steps = cpu_seconds(server.proc.pid), server.steps()
-                        r = asyncio.run(run_http(server.url, system, reqs, c, args.per_client, args.max_tokens, stream))
+                        r = asyncio.run(
+                            run_http(server.url, system, reqs, c, args.per_client, args.max_tokens, stream, args.client)
+                        )
                         r.cpu_s, r.steps = cpu_used(before, cpu_seconds(server.proc.pid)), server.steps() - steps
                         results[system, c] = r
                         print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
