@@ -100,6 +100,33 @@ async def test_reserve_then_settle_the_real_usage_exactly_once(store: Store) -> 
     assert len(rows) == 1 and (rows[0].status, rows[0].charged_tokens, rows[0].audio_tokens) == ("ok", 195, 125)
 
 
+async def test_without_a_database_key_reserving_writes_nothing_and_settle_caps_with_the_amount(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A static key has no balance: its reservation is kept by the caller, not written (one transaction less per
+    request), and the charge is capped by it all the same."""
+    who = await store.keys.authenticate("sk-static")
+    writes = 0
+    real_write = store.db.write
+
+    async def counting_write(work):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return await real_write(work)
+
+    monkeypatch.setattr(store.db, "write", counting_write)
+    for rid in ("under", "over"):
+        await store.quota.admit(who, rid, model="m", protocol="dashscope")
+    before = writes
+    await store.quota.reserve(who, "under", 400)
+    await store.quota.reserve(who, "over", 100)
+    assert writes == before
+    await store.quota.settle("under", Outcome("ok", Usage(30, 125, 40)), reserved=400)
+    await store.quota.settle("over", Outcome("ok", Usage(30, 125, 40)), reserved=100)
+    charged = {r.request_id: r.charged_tokens for r in await store.ledger.rows()}
+    assert charged == {"under": 195, "over": 100}
+
+
 async def test_usage_beyond_the_reservation_is_capped(store: Store) -> None:
     key, info = await store.keys.create(quota_tokens=100)
     who = await store.keys.authenticate(key)

@@ -126,6 +126,7 @@ class Ticket:
     def __init__(self, lifecycle: Lifecycle, call: Call, who: Principal, started: float) -> None:
         self.lifecycle, self.call, self.who, self.started = lifecycle, call, who, started
         self.usage = Usage()
+        self.reserved = 0  # tokens reserved: the most it may be charged
         self.audio_seconds = 0.0
         self.first_token_ms: int | None = None
         self.first_token_at: float | None = None  # time.monotonic() of the first and the last generated token
@@ -144,6 +145,7 @@ class Ticket:
     async def reserve(self, tokens: int) -> None:
         """Reserve the most the request can cost (refused with QuotaExhausted when it does not fit)."""
         await self.lifecycle.store.quota.reserve(self.who, self.request_id, tokens)
+        self.reserved = tokens
 
     async def settle(self, exc: BaseException | None = None) -> None:
         """Charge what was used and write the ledger row, once; `exc` is why the request ended (None: done)."""
@@ -241,7 +243,7 @@ class Lifecycle:
         report.audio_tokens, report.input_tokens, report.output_tokens = u.audio_tokens, u.input_tokens, u.output_tokens
         report.first_token_ms = ticket.first_token_ms
         try:
-            await self.store.quota.settle(call.request_id, outcome)
+            await self.store.quota.settle(call.request_id, outcome, reserved=ticket.reserved)
         except Exception:
             log.exception("settling %s failed; it stays reserved until the next restart", call.request_id)
         finally:

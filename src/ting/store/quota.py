@@ -7,7 +7,9 @@ A request's life in the database, each step one transaction:
             writes its ledger row instead.
   reserve   once the prompt is known: reserves the most the request can cost (audio + prompt text + max
             output), atomically: `reserved += n WHERE quota - spent - reserved >= n`. Never more spent
-            than granted, never negative (the table's CHECK constraints are the backstop).
+            than granted, never negative (the table's CHECK constraints are the backstop). Without a
+            database key (static keys, an open server) there is no balance: nothing is written, and
+            the caller hands the amount to settle.
   settle    charges the real usage, whatever the outcome: what the model ran for it, at most the reservation
             (a request that fails before the model runs has none); releases the rest, writes the ledger row and
             deletes the reservation. Only the transaction that deletes the reservation writes the ledger
@@ -188,7 +190,13 @@ class Quota:
         return RateLimited(retry_after_s=_seconds_until_one_fits(rpm, counts, now))
 
     async def reserve(self, who: Principal, request_id: str, tokens: int) -> None:
-        """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted."""
+        """Reserve `tokens` for an admitted request, or settle it as refused and raise QuotaExhausted.
+
+        Only a database key has a balance to reserve from. For a static key or an open server there is nothing to
+        write: the caller keeps the amount and hands it to `settle` (`reserved`), which caps the charge with it, as
+        it caps a key's charge with the reservation row (one transaction less per request: bench/server.py)."""
+        if who.key_id is None:
+            return
 
         def work(conn: sa.Connection) -> bool:
             if who.key_id is not None:
@@ -212,10 +220,11 @@ class Quota:
         if not await self.db.write(work):
             raise QuotaExhausted()
 
-    async def settle(self, request_id: str, outcome: Outcome, now: float | None = None) -> bool:
-        """Charge and record a request. False when it was already settled (a no-op)."""
+    async def settle(self, request_id: str, outcome: Outcome, now: float | None = None, *, reserved: int = 0) -> bool:
+        """Charge and record a request. False when it was already settled (a no-op). `reserved`: what `reserve`
+        was asked for a request without a database key (a key's reservation is in its row)."""
         at = time.time() if now is None else now
-        return await self.db.write(lambda conn: self._settle(conn, request_id, outcome, at))
+        return await self.db.write(lambda conn: self._settle(conn, request_id, outcome, at, reserved=reserved))
 
     def _settle(
         self,
@@ -225,6 +234,7 @@ class Quota:
         now: float,
         *,
         only_if: list[sa.ColumnElement[bool]] | None = None,
+        reserved: int = 0,
     ) -> bool:
         query = sa.select(reservations).where(reservations.c.request_id == request_id, *(only_if or []))
         if self.db.for_update:
@@ -235,7 +245,8 @@ class Quota:
         deleted = conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
         if deleted.rowcount != 1:  # another transaction settled it first
             return False
-        charged = min(outcome.usage.total_tokens, held.tokens)  # what ran (nothing, for what was refused before)
+        cap = held.tokens if held.key_id is not None else reserved  # what was reserved (nothing: refused before)
+        charged = min(outcome.usage.total_tokens, cap)  # what ran, at most that
         if held.key_id is not None:
             conn.execute(
                 api_keys.update()
