@@ -15,7 +15,7 @@ from tests import corpus as C
 from ting import errors
 from ting.audio import AudioLoader, AudioSources, HttpFetcher, MediaGuard
 from ting.audio.decode import DecoderPool, decode_bytes
-from ting.audio.wav import decode_plain_wav
+from ting.audio.wav import decode_plain_wav, plain_pcm
 from ting.types import WINDOW_SAMPLES, AudioClip
 
 RNG = np.random.default_rng(14)
@@ -130,6 +130,14 @@ CORPUS: dict[str, Callable[[], bytes]] = {
     "list_not_utf8_after": lambda: riff(
         fmt_pcm(), chunk(b"data", pcm(8000)), chunk(b"LIST", b"INFO" + chunk(b"INAM", b"\xc3("))
     ),
+    "flood_of_junk_before": lambda: riff(fmt_pcm(), chunk(b"JUNK", b"") * 5000, chunk(b"data", pcm(8000))),
+    "flood_of_junk_after": lambda: riff(fmt_pcm(), chunk(b"data", pcm(8000)), chunk(b"JUNK", b"") * 5000),
+    "flood_of_tags": lambda: riff(
+        fmt_pcm(), chunk(b"LIST", b"INFO" + chunk(b"INAM", b"") * 5000), chunk(b"data", pcm(8000))
+    ),
+    "long_tag": lambda: riff(
+        fmt_pcm(), chunk(b"LIST", b"INFO" + chunk(b"ICMT", b"a" * 100_000)), chunk(b"data", pcm(8000))
+    ),
     "chunk_past_end": lambda: riff(fmt_pcm(), chunk(b"JUNK", b"", size=1_000_000)),
     "fmt_truncated": lambda: riff(chunk(b"fmt ", struct.pack("<HHI", 1, 1, 16000))),
     "fmt_14": lambda: riff(chunk(b"fmt ", struct.pack("<HHIIH", 1, 1, 16000, 32000, 2)), chunk(b"data", pcm(8000))),
@@ -209,6 +217,12 @@ def test_the_fast_path_gives_what_ffmpeg_gives_or_nothing(name: str, max_samples
         assert_same(fast, slow)
     else:
         assert fast == slow
+
+
+@pytest.mark.parametrize("name", ["flood_of_junk_before", "flood_of_junk_after", "flood_of_tags", "long_tag"])
+def test_floods_of_chunks_and_long_tags_are_left_to_ffmpeg(name: str) -> None:
+    """The server process walks a bounded number of chunks and tag bytes; past that, a worker takes the file."""
+    assert plain_pcm(CORPUS[name]()) is None
 
 
 def test_every_cut_of_a_plain_wav_is_the_same_or_left_to_ffmpeg() -> None:

@@ -17,6 +17,7 @@ this process, the same clip bit for bit, for the cost of one numpy conversion in
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import io
 import logging
@@ -485,7 +486,7 @@ class DecoderPool:
         if not data:
             raise errors.AudioEmpty()
         started = time.monotonic()
-        plain = await _plain_wav(data, int(max_seconds * SAMPLE_RATE), refuse_longer)
+        plain = await self._plain_wav(data, int(max_seconds * SAMPLE_RATE), refuse_longer)
         if plain is not None:
             log.debug("decoded %d bytes of plain WAV in %.3f s", len(data), time.monotonic() - started)
             return plain
@@ -512,6 +513,20 @@ class DecoderPool:
             raise outcome
         log.debug("decoded %d bytes in %.3f s", len(data), time.monotonic() - started)
         return outcome
+
+    async def _plain_wav(self, data: bytes, max_samples: int, refuse_longer: bool) -> AudioClip | None:
+        """The clip of a plain 16 kHz mono 16-bit PCM WAV, made in this process (wav.py: the same clip, bit for bit,
+        as a worker gives), or None for anything else. Converting more than one 30 s window's samples (a whole
+        recording) runs on a thread of the pool's own, so the loop never spends more than about a millisecond here."""
+        if max_samples < MIN_SAMPLES:
+            return None
+        payload = wav.plain_pcm(data)
+        if payload is None:
+            return None
+        make = functools.partial(wav.clip_of, payload, max_samples=max_samples, refuse_longer=refuse_longer)
+        if min(len(payload) // 2, max_samples) <= WINDOW_SAMPLES:
+            return make()
+        return await asyncio.get_running_loop().run_in_executor(self._threads, make)
 
     def _give_back(self, job: asyncio.Future[tuple[_Worker, Any]]) -> None:
         if self._idle is None or job.cancelled() or job.exception() is not None:
@@ -540,17 +555,3 @@ class DecoderPool:
         return worker, AudioClip(
             samples=samples, duration_s=duration_s, truncated=truncated, container=container, codec=codec
         )
-
-
-async def _plain_wav(data: bytes, max_samples: int, refuse_longer: bool) -> AudioClip | None:
-    """The clip of a plain 16 kHz mono 16-bit PCM WAV, made in this process (wav.py: the same clip, bit for bit, as
-    a worker gives), or None for anything else. Converting more than one 30 s window's samples (a whole recording)
-    runs on a thread, so the event loop never spends more than about a millisecond on it."""
-    if max_samples < MIN_SAMPLES:
-        return None
-    payload = wav.plain_pcm(data)
-    if payload is None:
-        return None
-    if min(len(payload) // 2, max_samples) <= WINDOW_SAMPLES:
-        return wav.clip_of(payload, max_samples=max_samples, refuse_longer=refuse_longer)
-    return await asyncio.to_thread(wav.clip_of, payload, max_samples=max_samples, refuse_longer=refuse_longer)

@@ -6,15 +6,17 @@ and that is all. `decode_plain_wav` gives the same AudioClip bit for bit (sample
 first `max_samples` used, container and codec names, and the same errors) for exactly those files, and None for
 anything else, which then goes to the decoder workers as before.
 
-What it takes (anything else, or any doubt, is None): "RIFF" ... "WAVE"; before "data" only one "fmt " chunk and
-"LIST" / "JUNK" chunks, each wholly inside the buffer; "fmt " is PCM (1), or WAVE_FORMAT_EXTENSIBLE whose
-subformat is PCM with 16 valid bits and a mono channel mask, with 1 channel, 16000 Hz, 16 bits, 2-byte blocks
-and 32000 bytes/s; the "data" size is neither 0 nor 0xFFFFFFFF (FFmpeg reads those to the end of the file) and
-lies wholly inside the buffer; what follows it is only "LIST" / "JUNK" / "id3 " chunks; and its first 64 KiB
-hold no IEC 61937 sync code (FFmpeg would take such data for S/PDIF-wrapped AC-3 or DTS).
+What it takes (anything else, or any doubt, is None): "RIFF" ... "WAVE"; before "data" exactly one "fmt " chunk,
+and "JUNK" or well-formed "LIST"/"INFO" chunks (FFmpeg reads their tags, and PyAV refuses one that is not UTF-8),
+each wholly inside the buffer; "fmt " is PCM (1), or WAVE_FORMAT_EXTENSIBLE whose subformat is PCM with 16 valid
+bits and a mono channel mask, with 1 channel, 16000 Hz, 16 bits, 2-byte blocks and 32000 bytes/s; the "data" size
+is neither 0 nor 0xFFFFFFFF (FFmpeg reads those to the end of the file) and lies wholly inside the buffer; after it
+only such "JUNK" / "LIST" chunks; and no IEC 61937 sync code in its first 64 KiB (FFmpeg would take the data for
+S/PDIF-wrapped AC-3 or DTS). Other rates, channel counts and sample formats are left to FFmpeg.
 
 Parsing is a few struct reads at offsets checked against the buffer's length (no size field is ever allocated
-from or trusted past the buffer); the payload is one numpy conversion of at most `max_samples` samples.
+from or trusted past the buffer), over at most 16 chunks and 64 tags of at most 4 KiB (a flood of chunks goes to
+FFmpeg); the payload is one numpy conversion of at most `max_samples` samples, viewed in place.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _PCM, _WAVE_FORMAT_EXTENSIBLE = 1, 0xFFFE
 _PCM_SUBFORMAT = bytes.fromhex("0100000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_PCM
 _MONO_MASKS = frozenset({0, 0x1, 0x4})  # none, front left, front centre
 _STREAMING_SIZES = frozenset({0, 0xFFFFFFFF})  # "read to the end of the file" for FFmpeg
+_MAX_CHUNKS = 16  # chunks before and after the data: more (a flood of empty chunks) is left to FFmpeg
+_MAX_TAGS, _MAX_TAG_BYTES = 64, 4096  # LIST INFO tags, and the bytes of each, read here
 _SPDIF_SYNC = b"\x72\xf8\x1f\x4e"  # IEC 61937 Pa, Pb as FFmpeg's wav demuxer looks for them
 _SPDIF_PROBE_BYTES = 1 << 16  # how much of the data FFmpeg's wav demuxer probes for S/PDIF
 _BYTES_PER_SAMPLE = 2
@@ -104,7 +108,9 @@ def clip_of(payload: memoryview, *, max_samples: int, refuse_longer: bool) -> Au
 def _find_data(data: bytes) -> tuple[int, int] | None:
     """(offset, size) of the data chunk after exactly one acceptable fmt chunk, all inside `data`; else None."""
     offset, fmt_seen = _RIFF.size, False
-    while offset + _CHUNK.size <= len(data):
+    for _ in range(_MAX_CHUNKS):
+        if offset + _CHUNK.size > len(data):
+            return None
         chunk_id, size = _CHUNK.unpack_from(data, offset)
         body = offset + _CHUNK.size
         if chunk_id == b"data":
@@ -143,7 +149,9 @@ def _plain_format(fmt: bytes) -> bool:
 def _only_chunks(data: bytes, offset: int) -> bool:
     """Whether `data` from `offset` on is nothing, or whole chunks FFmpeg skips alike (a last pad byte may be
     missing)."""
-    while offset < len(data):
+    for _ in range(_MAX_CHUNKS):
+        if offset >= len(data):
+            return True
         if offset + _CHUNK.size > len(data):
             return False
         chunk_id, size = _CHUNK.unpack_from(data, offset)
@@ -151,7 +159,7 @@ def _only_chunks(data: bytes, offset: int) -> bool:
         if body + size > len(data) or not _skippable(chunk_id, data, body, size):
             return False
         offset = body + size + (size & 1)
-    return True
+    return False
 
 
 def _skippable(chunk_id: bytes, data: bytes, body: int, size: int) -> bool:
@@ -162,16 +170,19 @@ def _skippable(chunk_id: bytes, data: bytes, body: int, size: int) -> bool:
     if chunk_id != b"LIST" or size < 4 or data[body : body + 4] != b"INFO":
         return False
     offset, end = body + 4, body + size
-    while offset < end:
+    for _ in range(_MAX_TAGS):
+        if offset >= end:
+            return offset <= end + 1  # the last tag's pad byte may lie past the list
         if offset + _CHUNK.size > end:
             return False
         key, length = _CHUNK.unpack_from(data, offset)
         value = offset + _CHUNK.size
-        if not all(0x21 <= c <= 0x7E for c in key) or value + length > end:
+        if not all(0x21 <= c <= 0x7E for c in key) or length > _MAX_TAG_BYTES or value + length > end:
             return False
+        nul = data.find(b"\0", value, value + length)
         try:
-            data[value : value + length].split(b"\0", 1)[0].decode("utf-8")
+            str(memoryview(data)[value : nul if nul >= 0 else value + length], "utf-8")
         except UnicodeDecodeError:
             return False
         offset = value + length + (length & 1)
-    return offset <= end + 1
+    return False
