@@ -188,6 +188,7 @@ def assert_same(fast: AudioClip, slow: AudioClip) -> None:
     assert fast.samples.shape == slow.samples.shape
     assert np.array_equal(fast.samples, slow.samples)
     assert fast.samples.tobytes() == slow.samples.tobytes()  # -0.0 and NaN alike, bit for bit
+    assert not fast.samples.flags.writeable  # kept clips are shared between requests, as the workers' are
     assert (fast.duration_s, fast.truncated, fast.container, fast.codec) == (
         slow.duration_s,
         slow.truncated,

@@ -96,6 +96,7 @@ def clip_of(payload: memoryview, *, max_samples: int, refuse_longer: bool) -> Au
     pcm = np.frombuffer(payload, dtype="<i2", count=used)
     samples = pcm.astype(np.float32)
     samples *= _SCALE
+    samples.flags.writeable = False  # as the worker's samples (a view of the pipe's bytes): clips are shared
     return AudioClip(
         samples=samples,
         duration_s=total / SAMPLE_RATE,  # the header's length when truncated: data bytes / block align
