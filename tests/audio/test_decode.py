@@ -338,8 +338,8 @@ async def test_a_chat_clip_never_queues_behind_whole_recordings(test_pythonpath)
         ]  # two transcriptions whose decoding never ends
         for _ in range(10):  # let both run up to where they wait: on a worker, or for their turn at one
             await asyncio.sleep(0)
-        pcm = (C.tone(1.0) * 32767).astype("<i2").tobytes()
-        clip = await pool.decode(C.wav_header(rate=16000, channels=1, data_bytes=len(pcm)) + pcm)  # a chat clip
+        pcm = np.repeat(C.tone(1.0) * 32767, 2).astype("<i2").tobytes()  # stereo: a worker's job, not the fast path
+        clip = await pool.decode(C.wav_header(rate=16000, channels=2, data_bytes=len(pcm)) + pcm)  # a chat clip
         assert clip.seconds == 1.0
         assert not any(h.done() for h in hung)  # served while both recordings were still being decoded
         for h in hung:

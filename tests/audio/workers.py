@@ -31,6 +31,7 @@ def _misbehaving(magic: bytes, act) -> None:  # type: ignore[no-untyped-def]
 
 crash_on_magic = _misbehaving(b"CRASH", os.abort)
 hang_on_magic = _misbehaving(b"HANG", lambda: time.sleep(3600))
+hang_on_riff = _misbehaving(b"RIFF", lambda: time.sleep(3600))  # every WAV that reaches a worker
 
 
 class _CountedPacket:
