@@ -362,13 +362,17 @@ def audio_hashes(inputs: Any) -> tuple[bytes, ...]:
     (ting.engine.wire sends the same frames), and their count. Equal digests, equal encoder output."""
     if not inputs:
         return ()
-    features = np.asarray(inputs["input_features"])
     frames = np.asarray(inputs["feature_attention_mask"]).sum(-1).astype(int).tolist()
+    return clip_digests(np.asarray(inputs["input_features"]), frames)
+
+
+def clip_digests(features: np.ndarray, frames: Sequence[int]) -> tuple[bytes, ...]:
+    """audio_hashes over features (clips, mel bins, frames) at least as wide as every frame the encoder reads."""
     digests = []
     for j, n in enumerate(frames):
         kept = min(features.shape[-1], n + FRAMES_READ_PAST_END)
         h = hashlib.blake2b(np.ascontiguousarray(features[j, :, :kept], dtype=np.float32).tobytes(), digest_size=16)
-        h.update(n.to_bytes(4, "little"))
+        h.update(int(n).to_bytes(4, "little"))
         digests.append(h.digest())
     return tuple(digests)
 
@@ -376,28 +380,102 @@ def audio_hashes(inputs: Any) -> tuple[bytes, ...]:
 # --- inputs: the processor's side (also run in the server process, before the engine) ----------------------
 
 
+class LogMel:
+    """WhisperFeatureExtractor's log-mel features (its torch path), without the work around them.
+
+    The extractor pads each clip through BatchFeature and numpy, makes its Hann window and converts its mel
+    filters on every call, then the processor converts everything to tensors again. This runs the same torch
+    operations, in the same order, on the same shapes and dtypes (one batched STFT, |X|^2 of its frames but the
+    last, the float32 mel product, log10, the per-clip floor at its maximum - 8 dB, the scaling), so the features
+    are the extractor's bit for bit: tests/engine/test_prompt.py checks it against the processor's own output
+    across clip lengths, silence and full-scale noise, whenever transformers changes.
+    """
+
+    def __init__(self, extractor: Any) -> None:
+        self.n_fft: int = extractor.n_fft
+        self.window = torch.hann_window(self.n_fft)
+        self.filters = torch.from_numpy(extractor.mel_filters).to(torch.float32)
+
+    @staticmethod
+    def fits(extractor: Any) -> bool:
+        """Whether `extractor` computes what this class reproduces (otherwise the processor runs, as it is)."""
+        return (
+            type(extractor).__name__ == "WhisperFeatureExtractor"
+            and extractor.hop_length == HOP_SAMPLES
+            and extractor.sampling_rate == SAMPLE_RATE
+            and extractor.n_samples == WINDOW_SAMPLES
+            and extractor.padding_value == 0.0
+            and not extractor.dither
+        )
+
+    def __call__(self, clips: Sequence[np.ndarray], span_samples: int) -> tuple[np.ndarray, list[int]]:
+        """Features (clips, mel bins, span / hop) of the clips cut or zero-padded to `span_samples` (a multiple of
+        the hop), and each clip's frame count (the extractor's attention mask: a frame per hop begun)."""
+        batch = np.zeros((len(clips), span_samples), dtype=np.float32)
+        frames = []
+        for i, samples in enumerate(clips):
+            n = min(len(samples), span_samples)
+            batch[i, :n] = samples[:n]
+            frames.append(-(-n // HOP_SAMPLES))
+        stft = torch.stft(torch.from_numpy(batch), self.n_fft, HOP_SAMPLES, window=self.window, return_complex=True)
+        magnitudes = (stft[..., :-1].abs() ** 2).contiguous()
+        log_spec = torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
+        floor = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0] - 8.0
+        log_spec = (torch.maximum(log_spec, floor) + 4.0) / 4.0
+        return log_spec.numpy(), frames
+
+
 class Qwen2AudioInputs:
     """Chat template, tokenizer and feature extractor: what turns messages into a Prompt. Needs no weights."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.audio_token_id: int = self.tokenizer.convert_tokens_to_ids(processor.audio_token)
+        extractor = processor.feature_extractor
+        self.log_mel = LogMel(extractor) if LogMel.fits(extractor) and self.tokenizer.is_fast else None
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
         """Render the chat template, tokenize, extract log-mel features."""
         shaped, clips = template_messages(messages)
-        for message in shaped:
-            texts = (
-                [message["content"]]
-                if isinstance(message["content"], str)
-                else [c.get("text", "") for c in message["content"]]
-            )
-            if any(marker in t for t in texts for marker in AUDIO_MARKERS):
-                raise InvalidParameter(
-                    f"The text may not contain the model's audio placeholder tokens ({', '.join(AUDIO_MARKERS)})."
-                )
+        _refuse_placeholders(shaped)
         text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
-        if clips:
-            samples = [c.samples for c in clips]
+        if self.log_mel is None:
+            return self._through_processor(text, [c.samples for c in clips])
+        if not clips:
+            return Prompt(token_ids=self._tokenize(text), audio_tokens=(), inputs=None)
+        features, frames = self.log_mel([c.samples for c in clips], features_span(max(len(c.samples) for c in clips)))
+        audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
+        return Prompt(
+            token_ids=self._expand_audio(self._tokenize(text), audio_tokens),
+            audio_tokens=audio_tokens,
+            inputs=_in_window(torch.from_numpy(features), _frames_mask(frames, features.shape[-1])),
+            audio_hashes=clip_digests(features, frames),
+        )
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        """The processor's tokenizer call on one text (its fast tokenizer's own encoding, without the batching and
+        tensor conversion around it)."""
+        return tuple(self.tokenizer.backend_tokenizer.encode(text).ids)
+
+    def _expand_audio(self, ids: tuple[int, ...], audio_tokens: Sequence[int]) -> tuple[int, ...]:
+        """Each clip's one <|AUDIO|> id repeated to its token count, as the processor expands the text before
+        tokenizing it (<|AUDIO|> is a special token: the text around it tokenizes the same either way)."""
+        places = [i for i, t in enumerate(ids) if t == self.audio_token_id]
+        if len(places) != len(audio_tokens):
+            raise ValueError(f"{len(places)} audio placeholders in the prompt for {len(audio_tokens)} clips")
+        out: list[int] = []
+        start = 0
+        for place, count in zip(places, audio_tokens, strict=True):
+            out += ids[start:place]
+            out += [self.audio_token_id] * count
+            start = place + 1
+        out += ids[start:]
+        return tuple(out)
+
+    def _through_processor(self, text: str, samples: list[np.ndarray]) -> Prompt:
+        """The processor as it is (a checkpoint whose feature extractor LogMel does not reproduce)."""
+        if samples:
             out = self.processor(
                 text=text,
                 audio=samples,
@@ -415,10 +493,29 @@ class Qwen2AudioInputs:
         return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs, audio_hashes=audio_hashes(inputs))
 
 
+def _refuse_placeholders(shaped: list[dict[str, Any]]) -> None:
+    for message in shaped:
+        content = message["content"]
+        texts = [content] if isinstance(content, str) else [c.get("text", "") for c in content]
+        if any(marker in t for t in texts for marker in AUDIO_MARKERS):
+            raise InvalidParameter(
+                f"The text may not contain the model's audio placeholder tokens ({', '.join(AUDIO_MARKERS)})."
+            )
+
+
+def _frames_mask(frames: Sequence[int], width: int) -> torch.Tensor:
+    """The extractor's feature attention mask: int32, 1 for each of a clip's frames."""
+    return (torch.arange(width)[None, :] < torch.tensor(frames)[:, None]).to(torch.int32)
+
+
 # Zero samples past a clip's end that make every mel frame the audio encoder reads equal to the window's own: the
 # encoder reads a clip's frames and the next one (tokens of the model's own length function); the STFT's centred
 # frames reach 200 samples (n_fft / 2) either side, and its reflection padding must see zeros as the window's does.
 SPAN_MARGIN_SAMPLES = 5 * HOP_SAMPLES + 400
+# At least this many frames: under 12 columns, the mel product (201 x 128 filters by the frames) takes another GEMM
+# kernel whose sums round differently from the window's (a clip of 0.03 s differed in the last bit); a second of
+# frames keeps every product on the path the 3000-frame window takes, at no measurable cost.
+SPAN_MIN_SAMPLES = 100 * HOP_SAMPLES
 
 
 def features_span(longest_samples: int) -> int:
@@ -429,7 +526,7 @@ def features_span(longest_samples: int) -> int:
     encoder never reads. Over this span, the frames it reads are the same bit for bit (tests/engine/test_prompt.py
     checks it against the whole window), and the normalisation's maximum is the same (zeros give the floor)."""
     span = -(-(longest_samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
-    return min(WINDOW_SAMPLES, span)
+    return min(WINDOW_SAMPLES, max(SPAN_MIN_SAMPLES, span))
 
 
 def _in_window(features: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
