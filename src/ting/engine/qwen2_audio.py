@@ -362,19 +362,17 @@ def audio_hashes(inputs: Any) -> tuple[bytes, ...]:
     (ting.engine.wire sends the same frames), and their count. Equal digests, equal encoder output."""
     if not inputs:
         return ()
+    features = np.asarray(inputs["input_features"])
     frames = np.asarray(inputs["feature_attention_mask"]).sum(-1).astype(int).tolist()
-    return clip_digests(np.asarray(inputs["input_features"]), frames)
+    return tuple(clip_digest(features[j], n) for j, n in enumerate(frames))
 
 
-def clip_digests(features: np.ndarray, frames: Sequence[int]) -> tuple[bytes, ...]:
-    """audio_hashes over features (clips, mel bins, frames) at least as wide as every frame the encoder reads."""
-    digests = []
-    for j, n in enumerate(frames):
-        kept = min(features.shape[-1], n + FRAMES_READ_PAST_END)
-        h = hashlib.blake2b(np.ascontiguousarray(features[j, :, :kept], dtype=np.float32).tobytes(), digest_size=16)
-        h.update(int(n).to_bytes(4, "little"))
-        digests.append(h.digest())
-    return tuple(digests)
+def clip_digest(features: np.ndarray, frames: int) -> bytes:
+    """One clip's digest from its features (mel bins, at least every frame the encoder reads) and frame count."""
+    kept = min(features.shape[-1], frames + FRAMES_READ_PAST_END)
+    h = hashlib.blake2b(np.ascontiguousarray(features[:, :kept], dtype=np.float32).tobytes(), digest_size=16)
+    h.update(int(frames).to_bytes(4, "little"))
+    return h.digest()
 
 
 # --- inputs: the processor's side (also run in the server process, before the engine) ----------------------
@@ -408,21 +406,22 @@ class LogMel:
             and not extractor.dither
         )
 
-    def __call__(self, clips: Sequence[np.ndarray], span_samples: int) -> tuple[np.ndarray, list[int]]:
-        """Features (clips, mel bins, span / hop) of the clips cut or zero-padded to `span_samples` (a multiple of
-        the hop), and each clip's frame count (the extractor's attention mask: a frame per hop begun)."""
-        batch = np.zeros((len(clips), span_samples), dtype=np.float32)
-        frames = []
-        for i, samples in enumerate(clips):
-            n = min(len(samples), span_samples)
-            batch[i, :n] = samples[:n]
-            frames.append(-(-n // HOP_SAMPLES))
+    def __call__(self, samples: np.ndarray) -> tuple[np.ndarray, int]:
+        """One clip's features (mel bins, its span's frames: features_span) and its frame count (the extractor's
+        attention mask: a frame per hop begun, at most the window's).
+
+        Each clip over its own span, not the batch's longest: the extractor's operations are per clip (the
+        normalisation's maximum too), so a short clip beside a long one costs its own length."""
+        span = features_span(len(samples))
+        n = min(len(samples), span)
+        batch = np.zeros((1, span), dtype=np.float32)
+        batch[0, :n] = samples[:n]
         stft = torch.stft(torch.from_numpy(batch), self.n_fft, HOP_SAMPLES, window=self.window, return_complex=True)
         magnitudes = (stft[..., :-1].abs() ** 2).contiguous()
         log_spec = torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
         floor = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0] - 8.0
         log_spec = (torch.maximum(log_spec, floor) + 4.0) / 4.0
-        return log_spec.numpy(), frames
+        return log_spec.numpy()[0], -(-n // HOP_SAMPLES)
 
 
 class Qwen2AudioInputs:
@@ -444,13 +443,13 @@ class Qwen2AudioInputs:
             return self._through_processor(text, [c.samples for c in clips])
         if not clips:
             return Prompt(token_ids=self._tokenize(text), audio_tokens=(), inputs=None)
-        features, frames = self.log_mel([c.samples for c in clips], features_span(max(len(c.samples) for c in clips)))
+        spectra, frames = zip(*(self.log_mel(c.samples) for c in clips), strict=True)
         audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
         return Prompt(
             token_ids=self._expand_audio(self._tokenize(text), audio_tokens),
             audio_tokens=audio_tokens,
-            inputs=_in_window(torch.from_numpy(features), _frames_mask(frames, features.shape[-1])),
-            audio_hashes=clip_digests(features, frames),
+            inputs=_window_of(spectra, frames),
+            audio_hashes=tuple(clip_digest(x, n) for x, n in zip(spectra, frames, strict=True)),
         )
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
@@ -503,9 +502,15 @@ def _refuse_placeholders(shaped: list[dict[str, Any]]) -> None:
             )
 
 
-def _frames_mask(frames: Sequence[int], width: int) -> torch.Tensor:
-    """The extractor's feature attention mask: int32, 1 for each of a clip's frames."""
-    return (torch.arange(width)[None, :] < torch.tensor(frames)[:, None]).to(torch.int32)
+def _window_of(spectra: Sequence[np.ndarray], frames: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The clips' features in the 30 s window's 3000 frames, as the model's inputs are shaped (zeros past each
+    clip's span: never read, masked and past what the encoder reads), and the extractor's mask (int32, 1 for each
+    of a clip's frames)."""
+    features = torch.zeros(len(spectra), spectra[0].shape[0], WINDOW_FRAMES)
+    for i, x in enumerate(spectra):
+        features[i, :, : x.shape[-1]] = torch.from_numpy(x)
+    mask = (torch.arange(WINDOW_FRAMES)[None, :] < torch.tensor(frames)[:, None]).to(torch.int32)
+    return {"input_features": features, "feature_attention_mask": mask}
 
 
 # Zero samples past a clip's end that make every mel frame the audio encoder reads equal to the window's own: the
