@@ -523,14 +523,14 @@ SPAN_MARGIN_SAMPLES = 5 * HOP_SAMPLES + 400
 SPAN_MIN_SAMPLES = 100 * HOP_SAMPLES
 
 
-def features_span(longest_samples: int) -> int:
-    """How many samples to extract log-mel features over: the longest clip and a margin, not the 30 s window.
+def features_span(samples: int) -> int:
+    """How many samples to extract a clip's log-mel features over: the clip and a margin, not the 30 s window.
 
     The feature extractor pads every clip to 30 s and runs its STFT over all of it: for a 2.6 s clip, 90% of the
     work (and the largest cost of the server process under load: bench/server.py with py-spy) goes to frames the
     encoder never reads. Over this span, the frames it reads are the same bit for bit (tests/engine/test_prompt.py
     checks it against the whole window), and the normalisation's maximum is the same (zeros give the floor)."""
-    span = -(-(longest_samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
+    span = -(-(samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
     return min(WINDOW_SAMPLES, max(SPAN_MIN_SAMPLES, span))
 
 
