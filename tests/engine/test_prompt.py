@@ -189,3 +189,70 @@ def test_a_feature_extractor_logmel_does_not_reproduce_goes_through_the_processo
 def test_features_span() -> None:
     assert features_span(16_000 * 30) == 480_000 and features_span(41_600) == 42_880
     assert features_span(16_000 * 45) == 480_000 and features_span(1) == 16_000  # never under a second
+
+
+def _read_only(x: np.ndarray) -> np.ndarray:
+    """Samples as the decoder hands them over: a view of immutable bytes."""
+    return np.frombuffer(x.astype(np.float32).tobytes(), dtype=np.float32)
+
+
+def _ask(*clips: np.ndarray) -> tuple[Message, ...]:
+    parts = [AudioPart(f"a{i}", AudioClip(x, len(x) / 16_000, False, "wav", "pcm")) for i, x in enumerate(clips)]
+    return (user(*parts, TextPart("?")),)
+
+
+def _same(a, b) -> bool:  # type: ignore[no-untyped-def]
+    return (
+        a.token_ids == b.token_ids
+        and a.audio_tokens == b.audio_tokens
+        and a.audio_hashes == b.audio_hashes
+        and all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+    )
+
+
+def test_a_follow_up_turn_reuses_its_clips_features(tiny_dir) -> None:  # type: ignore[no-untyped-def]
+    """Every turn resends the history, and the audio cache hands back the same decoded clip: its features are
+    found by that array, not extracted again, and the prompt is the same as extracted afresh."""
+    from ting.engine.qwen2_audio import load_inputs
+
+    inputs = load_inputs(tiny_dir)
+    first, second = _read_only(_clips("speech", (30.0,))[0]), _read_only(_clips("speech", (2.6,))[0])
+    turn1 = inputs.prepare(_ask(first))
+    assert inputs.features.hits == 0
+    turn2 = inputs.prepare(_ask(first, second))
+    assert inputs.features.hits == 1  # the first clip; the second is new
+    again = inputs.prepare(_ask(first, second))
+    assert inputs.features.hits == 3
+    fresh = load_inputs(tiny_dir).prepare(_ask(first, second))
+    assert _same(turn2, fresh) and _same(again, fresh)
+    assert turn1.audio_hashes == turn2.audio_hashes[:1]
+
+
+def test_only_the_very_read_only_array_finds_its_features(tiny_dir) -> None:  # type: ignore[no-untyped-def]
+    from ting.engine.qwen2_audio import load_inputs
+
+    inputs = load_inputs(tiny_dir)
+    samples = _clips("speech", (1.0,))[0]
+    inputs.prepare(_ask(samples))
+    inputs.prepare(_ask(samples))  # writeable: it could change under an entry, so it is never kept
+    copy_of = _read_only(samples)
+    inputs.prepare(_ask(copy_of))
+    inputs.prepare(_ask(_read_only(samples)))  # equal samples, another array: extracted again
+    assert inputs.features.hits == 0
+    inputs.prepare(_ask(copy_of))
+    assert inputs.features.hits == 1
+
+
+def test_the_feature_cache_is_bounded_by_bytes(tiny_dir) -> None:  # type: ignore[no-untyped-def]
+    from ting.engine.qwen2_audio import Qwen2AudioInputs, load_inputs
+
+    processor = load_inputs(tiny_dir).processor
+    inputs = Qwen2AudioInputs(processor, feature_cache_bytes=2 * 128 * 400 * 4)  # two clips of 400 frames
+    clips = [_read_only(x) for x in _clips("speech", (3.5, 3.6, 3.7))]
+    for x in clips:
+        inputs.prepare(_ask(x))
+    inputs.prepare(_ask(clips[0]))  # the least recently used: evicted by the third
+    assert inputs.features.hits == 0
+    inputs.prepare(_ask(clips[2]))
+    assert inputs.features.hits == 1
+    assert inputs.features._bytes <= inputs.features.limit_bytes

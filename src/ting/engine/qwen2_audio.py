@@ -19,6 +19,8 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ ENCODER_BATCH = 8  # clips per audio-encoder call (a 30 s window each)
 SKINNY_CHUNK = 1024  # weight rows per product in a batched CPU decoding step
 CACHE_GROWTH = 256  # KV-cache length grows in steps of this many tokens
 ENCODER_CACHE_BYTES = 256 * 2**20  # audio-encoder outputs kept, by their size (a 30 s clip: 12 MiB real-width, fp32)
+FEATURE_CACHE_BYTES = 64 * 2**20  # clips' log-mel features kept by prepare (a 30 s clip: 1.5 MiB)
 AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -424,15 +427,71 @@ class LogMel:
         return log_spec.numpy()[0], -(-n // HOP_SAMPLES)
 
 
+@dataclass(frozen=True)
+class ClipFeatures:
+    """One clip's log-mel features over its span, its frame count, and the digest that keys the prefix cache."""
+
+    spectrum: np.ndarray  # (mel bins, frames of the clip's span: features_span)
+    frames: int
+    digest: bytes
+
+
+class FeatureCache:
+    """Clips' features by the identity of their samples array, least recently used first, bounded by bytes.
+
+    Every chat turn resends the whole history, and the audio layer hands back the same decoded clip for the same
+    bytes (audio/cache.py, scoped by the key's owner), so every turn extracted the same features again: ~25 ms
+    of CPU for a 30 s clip, per clip, per turn. An entry is found only through the very array it was made from
+    (a weak reference: never another key's clip, and an address reused by a new array is a miss), and only
+    read-only arrays are kept (the decoder's are views of immutable bytes), so what an entry describes cannot
+    change under it. Entries of arrays that are gone are dropped at the next insertion. Thread-safe."""
+
+    def __init__(self, limit_bytes: int = FEATURE_CACHE_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.hits = 0
+        self._entries: OrderedDict[int, tuple[weakref.ref[np.ndarray], ClipFeatures]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, samples: np.ndarray) -> ClipFeatures | None:
+        with self._lock:
+            entry = self._entries.get(id(samples))
+            if entry is None or entry[0]() is not samples:
+                return None
+            self._entries.move_to_end(id(samples))
+            self.hits += 1
+            return entry[1]
+
+    def put(self, samples: np.ndarray, features: ClipFeatures) -> None:
+        size = features.spectrum.nbytes
+        if samples.flags.writeable or size > self.limit_bytes:
+            return
+        ref = weakref.ref(samples)
+        with self._lock:
+            for key in [k for k, (r, _) in self._entries.items() if r() is None]:
+                self._forget(key)
+            self._forget(id(samples))
+            while self._entries and self._bytes + size > self.limit_bytes:
+                self._forget(next(iter(self._entries)))
+            self._entries[id(samples)] = (ref, features)
+            self._bytes += size
+
+    def _forget(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].spectrum.nbytes
+
+
 class Qwen2AudioInputs:
     """Chat template, tokenizer and feature extractor: what turns messages into a Prompt. Needs no weights."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, feature_cache_bytes: int = FEATURE_CACHE_BYTES) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.audio_token_id: int = self.tokenizer.convert_tokens_to_ids(processor.audio_token)
         extractor = processor.feature_extractor
         self.log_mel = LogMel(extractor) if LogMel.fits(extractor) and self.tokenizer.is_fast else None
+        self.features = FeatureCache(feature_cache_bytes)
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
         """Render the chat template, tokenize, extract log-mel features."""
@@ -443,14 +502,24 @@ class Qwen2AudioInputs:
             return self._through_processor(text, [c.samples for c in clips])
         if not clips:
             return Prompt(token_ids=self._tokenize(text), audio_tokens=(), inputs=None)
-        spectra, frames = zip(*(self.log_mel(c.samples) for c in clips), strict=True)
-        audio_tokens = tuple(audio_tokens_for_frames(f) for f in frames)
+        features = [self._clip_features(self.log_mel, c.samples) for c in clips]
+        audio_tokens = tuple(audio_tokens_for_frames(f.frames) for f in features)
         return Prompt(
             token_ids=self._expand_audio(self._tokenize(text), audio_tokens),
             audio_tokens=audio_tokens,
-            inputs=_window_of(spectra, frames),
-            audio_hashes=tuple(clip_digest(x, n) for x, n in zip(spectra, frames, strict=True)),
+            inputs=_window_of(features),
+            audio_hashes=tuple(f.digest for f in features),
         )
+
+    def _clip_features(self, log_mel: LogMel, samples: np.ndarray) -> ClipFeatures:
+        found = self.features.get(samples)
+        if found is not None:
+            return found
+        spectrum, frames = log_mel(samples)
+        spectrum.flags.writeable = False  # shared by every prompt that finds it in the cache
+        made = ClipFeatures(spectrum, frames, clip_digest(spectrum, frames))
+        self.features.put(samples, made)
+        return made
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
         """The processor's tokenizer call on one text (its fast tokenizer's own encoding, without the batching and
@@ -502,14 +571,16 @@ def _refuse_placeholders(shaped: list[dict[str, Any]]) -> None:
             )
 
 
-def _window_of(spectra: Sequence[np.ndarray], frames: Sequence[int]) -> dict[str, torch.Tensor]:
+def _window_of(clips: Sequence[ClipFeatures]) -> dict[str, torch.Tensor]:
     """The clips' features in the 30 s window's 3000 frames, as the model's inputs are shaped (zeros past each
     clip's span: never read, masked and past what the encoder reads), and the extractor's mask (int32, 1 for each
     of a clip's frames)."""
-    features = torch.zeros(len(spectra), spectra[0].shape[0], WINDOW_FRAMES)
-    for i, x in enumerate(spectra):
-        features[i, :, : x.shape[-1]] = torch.from_numpy(x)
-    mask = (torch.arange(WINDOW_FRAMES)[None, :] < torch.tensor(frames)[:, None]).to(torch.int32)
+    features = torch.zeros(len(clips), clips[0].spectrum.shape[0], WINDOW_FRAMES)
+    window = features.numpy()
+    for i, clip in enumerate(clips):
+        window[i, :, : clip.spectrum.shape[-1]] = clip.spectrum
+    frames = torch.tensor([clip.frames for clip in clips])
+    mask = (torch.arange(WINDOW_FRAMES)[None, :] < frames[:, None]).to(torch.int32)
     return {"input_features": features, "feature_attention_mask": mask}
 
 
