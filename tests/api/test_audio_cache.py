@@ -163,3 +163,28 @@ def test_an_origin_that_says_no_store_is_downloaded_and_decoded_every_turn(
         assert (counters["hits"], counters["entries"], counters["urls"]) == (0, 0, 0)
     finally:
         server.stop()
+
+
+def test_the_follow_up_turn_finds_the_clips_features_too(
+    engine: Any, tmp_path: Path, origin: Origin, decode_log: Path
+) -> None:
+    """The audio cache hands back the decoded clip itself (read-only samples): prepare finds its log-mel features
+    by it rather than extracting them again (issue 14), and the answer is the same."""
+    url = origin.url("/tagged.mp3")
+    features = engine.backend.inputs.features
+    server = start(engine, tmp_path / "features", decode_log)
+    try:
+        hits = features.hits
+        first = text(post(server, turns(url)))
+        assert features.hits == hits  # a clip this server's cache had never seen
+        second = text(post(server, turns(url, first)))
+        assert features.hits == hits + 1
+    finally:
+        server.stop()
+    server = start(engine, tmp_path / "uncached", decode_log, audio_cache_mib=0)
+    try:
+        hits = features.hits
+        assert text(post(server, turns(url, first))) == second  # decoded again: extracted again, the same answer
+        assert features.hits == hits
+    finally:
+        server.stop()

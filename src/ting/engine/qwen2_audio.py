@@ -19,6 +19,8 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ ENCODER_BATCH = 8  # clips per audio-encoder call (a 30 s window each)
 SKINNY_CHUNK = 1024  # weight rows per product in a batched CPU decoding step
 CACHE_GROWTH = 256  # KV-cache length grows in steps of this many tokens
 ENCODER_CACHE_BYTES = 256 * 2**20  # audio-encoder outputs kept, by their size (a 30 s clip: 12 MiB real-width, fp32)
+FEATURE_CACHE_BYTES = 64 * 2**20  # clips' log-mel features kept by prepare (a 30 s clip: 1.5 MiB)
 AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -364,40 +367,183 @@ def audio_hashes(inputs: Any) -> tuple[bytes, ...]:
         return ()
     features = np.asarray(inputs["input_features"])
     frames = np.asarray(inputs["feature_attention_mask"]).sum(-1).astype(int).tolist()
-    digests = []
-    for j, n in enumerate(frames):
-        kept = min(features.shape[-1], n + FRAMES_READ_PAST_END)
-        h = hashlib.blake2b(np.ascontiguousarray(features[j, :, :kept], dtype=np.float32).tobytes(), digest_size=16)
-        h.update(n.to_bytes(4, "little"))
-        digests.append(h.digest())
-    return tuple(digests)
+    return tuple(clip_digest(features[j], n) for j, n in enumerate(frames))
+
+
+def clip_digest(features: np.ndarray, frames: int) -> bytes:
+    """One clip's digest from its features (mel bins, at least every frame the encoder reads) and frame count."""
+    kept = min(features.shape[-1], frames + FRAMES_READ_PAST_END)
+    h = hashlib.blake2b(np.ascontiguousarray(features[:, :kept], dtype=np.float32).tobytes(), digest_size=16)
+    h.update(int(frames).to_bytes(4, "little"))
+    return h.digest()
 
 
 # --- inputs: the processor's side (also run in the server process, before the engine) ----------------------
 
 
+class LogMel:
+    """WhisperFeatureExtractor's log-mel features (its torch path), without the work around them.
+
+    The extractor pads each clip through BatchFeature and numpy, makes its Hann window and converts its mel
+    filters on every call, then the processor converts everything to tensors again. This runs the same torch
+    operations, in the same order, on the same shapes and dtypes (one batched STFT, |X|^2 of its frames but the
+    last, the float32 mel product, log10, the per-clip floor at its maximum - 8 dB, the scaling), so the features
+    are the extractor's bit for bit: tests/engine/test_prompt.py checks it against the processor's own output
+    across clip lengths, silence and full-scale noise, whenever transformers changes.
+    """
+
+    def __init__(self, extractor: Any) -> None:
+        self.n_fft: int = extractor.n_fft
+        self.window = torch.hann_window(self.n_fft)
+        self.filters = torch.from_numpy(extractor.mel_filters).to(torch.float32)
+
+    @staticmethod
+    def fits(extractor: Any) -> bool:
+        """Whether `extractor` computes what this class reproduces (otherwise the processor runs, as it is)."""
+        return (
+            type(extractor).__name__ == "WhisperFeatureExtractor"
+            and extractor.hop_length == HOP_SAMPLES
+            and extractor.sampling_rate == SAMPLE_RATE
+            and extractor.n_samples == WINDOW_SAMPLES
+            and extractor.padding_value == 0.0
+            and not extractor.dither
+        )
+
+    def __call__(self, samples: np.ndarray) -> tuple[np.ndarray, int]:
+        """One clip's features (mel bins, its span's frames: features_span) and its frame count (the extractor's
+        attention mask: a frame per hop begun, at most the window's).
+
+        Each clip over its own span, not the batch's longest: the extractor's operations are per clip (the
+        normalisation's maximum too), so a short clip beside a long one costs its own length."""
+        span = features_span(len(samples))
+        n = min(len(samples), span)
+        batch = np.zeros((1, span), dtype=np.float32)
+        batch[0, :n] = samples[:n]
+        stft = torch.stft(torch.from_numpy(batch), self.n_fft, HOP_SAMPLES, window=self.window, return_complex=True)
+        magnitudes = (stft[..., :-1].abs() ** 2).contiguous()
+        log_spec = torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
+        floor = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0] - 8.0
+        log_spec = (torch.maximum(log_spec, floor) + 4.0) / 4.0
+        return log_spec.numpy()[0], -(-n // HOP_SAMPLES)
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    """One clip's log-mel features over its span, its frame count, and the digest that keys the prefix cache."""
+
+    spectrum: np.ndarray  # (mel bins, frames of the clip's span: features_span)
+    frames: int
+    digest: bytes
+
+
+class FeatureCache:
+    """Clips' features by the identity of their samples array, least recently used first, bounded by bytes.
+
+    Every chat turn resends the whole history, and the audio layer hands back the same decoded clip for the same
+    bytes (audio/cache.py, scoped by the key's owner), so every turn extracted the same features again: ~25 ms
+    of CPU for a 30 s clip, per clip, per turn. An entry is found only through the very array it was made from
+    (a weak reference: never another key's clip, and an address reused by a new array is a miss), and only
+    read-only arrays are kept (the decoder's are views of immutable bytes), so what an entry describes cannot
+    change under it. Entries of arrays that are gone are dropped at the next insertion. Thread-safe."""
+
+    def __init__(self, limit_bytes: int = FEATURE_CACHE_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.hits = 0
+        self._entries: OrderedDict[int, tuple[weakref.ref[np.ndarray], ClipFeatures]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, samples: np.ndarray) -> ClipFeatures | None:
+        with self._lock:
+            entry = self._entries.get(id(samples))
+            if entry is None or entry[0]() is not samples:
+                return None
+            self._entries.move_to_end(id(samples))
+            self.hits += 1
+            return entry[1]
+
+    def put(self, samples: np.ndarray, features: ClipFeatures) -> None:
+        size = features.spectrum.nbytes
+        if samples.flags.writeable or size > self.limit_bytes:
+            return
+        ref = weakref.ref(samples)
+        with self._lock:
+            for key in [k for k, (r, _) in self._entries.items() if r() is None]:
+                self._forget(key)
+            self._forget(id(samples))
+            while self._entries and self._bytes + size > self.limit_bytes:
+                self._forget(next(iter(self._entries)))
+            self._entries[id(samples)] = (ref, features)
+            self._bytes += size
+
+    def _forget(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].spectrum.nbytes
+
+
 class Qwen2AudioInputs:
     """Chat template, tokenizer and feature extractor: what turns messages into a Prompt. Needs no weights."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, feature_cache_bytes: int = FEATURE_CACHE_BYTES) -> None:
         self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.audio_token_id: int = self.tokenizer.convert_tokens_to_ids(processor.audio_token)
+        extractor = processor.feature_extractor
+        self.log_mel = LogMel(extractor) if LogMel.fits(extractor) and self.tokenizer.is_fast else None
+        self.features = FeatureCache(feature_cache_bytes)
 
     def prepare(self, messages: Sequence[Message]) -> Prompt:
         """Render the chat template, tokenize, extract log-mel features."""
         shaped, clips = template_messages(messages)
-        for message in shaped:
-            texts = (
-                [message["content"]]
-                if isinstance(message["content"], str)
-                else [c.get("text", "") for c in message["content"]]
-            )
-            if any(marker in t for t in texts for marker in AUDIO_MARKERS):
-                raise InvalidParameter(
-                    f"The text may not contain the model's audio placeholder tokens ({', '.join(AUDIO_MARKERS)})."
-                )
+        _refuse_placeholders(shaped)
         text = self.processor.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
-        if clips:
-            samples = [c.samples for c in clips]
+        if self.log_mel is None:
+            return self._through_processor(text, [c.samples for c in clips])
+        if not clips:
+            return Prompt(token_ids=self._tokenize(text), audio_tokens=(), inputs=None)
+        features = [self._clip_features(self.log_mel, c.samples) for c in clips]
+        audio_tokens = tuple(audio_tokens_for_frames(f.frames) for f in features)
+        return Prompt(
+            token_ids=self._expand_audio(self._tokenize(text), audio_tokens),
+            audio_tokens=audio_tokens,
+            inputs=_window_of(features),
+            audio_hashes=tuple(f.digest for f in features),
+        )
+
+    def _clip_features(self, log_mel: LogMel, samples: np.ndarray) -> ClipFeatures:
+        found = self.features.get(samples)
+        if found is not None:
+            return found
+        spectrum, frames = log_mel(samples)
+        spectrum.flags.writeable = False  # shared by every prompt that finds it in the cache
+        made = ClipFeatures(spectrum, frames, clip_digest(spectrum, frames))
+        self.features.put(samples, made)
+        return made
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        """The processor's tokenizer call on one text (its fast tokenizer's own encoding, without the batching and
+        tensor conversion around it)."""
+        return tuple(self.tokenizer.backend_tokenizer.encode(text).ids)
+
+    def _expand_audio(self, ids: tuple[int, ...], audio_tokens: Sequence[int]) -> tuple[int, ...]:
+        """Each clip's one <|AUDIO|> id repeated to its token count, as the processor expands the text before
+        tokenizing it (<|AUDIO|> is a special token: the text around it tokenizes the same either way)."""
+        places = [i for i, t in enumerate(ids) if t == self.audio_token_id]
+        if len(places) != len(audio_tokens):
+            raise ValueError(f"{len(places)} audio placeholders in the prompt for {len(audio_tokens)} clips")
+        out: list[int] = []
+        start = 0
+        for place, count in zip(places, audio_tokens, strict=True):
+            out += ids[start:place]
+            out += [self.audio_token_id] * count
+            start = place + 1
+        out += ids[start:]
+        return tuple(out)
+
+    def _through_processor(self, text: str, samples: list[np.ndarray]) -> Prompt:
+        """The processor as it is (a checkpoint whose feature extractor LogMel does not reproduce)."""
+        if samples:
             out = self.processor(
                 text=text,
                 audio=samples,
@@ -415,21 +561,48 @@ class Qwen2AudioInputs:
         return Prompt(token_ids=ids, audio_tokens=audio_tokens, inputs=inputs, audio_hashes=audio_hashes(inputs))
 
 
+def _refuse_placeholders(shaped: list[dict[str, Any]]) -> None:
+    for message in shaped:
+        content = message["content"]
+        texts = [content] if isinstance(content, str) else [c.get("text", "") for c in content]
+        if any(marker in t for t in texts for marker in AUDIO_MARKERS):
+            raise InvalidParameter(
+                f"The text may not contain the model's audio placeholder tokens ({', '.join(AUDIO_MARKERS)})."
+            )
+
+
+def _window_of(clips: Sequence[ClipFeatures]) -> dict[str, torch.Tensor]:
+    """The clips' features in the 30 s window's 3000 frames, as the model's inputs are shaped (zeros past each
+    clip's span: never read, masked and past what the encoder reads), and the extractor's mask (int32, 1 for each
+    of a clip's frames)."""
+    features = torch.zeros(len(clips), clips[0].spectrum.shape[0], WINDOW_FRAMES)
+    window = features.numpy()
+    for i, clip in enumerate(clips):
+        window[i, :, : clip.spectrum.shape[-1]] = clip.spectrum
+    frames = torch.tensor([clip.frames for clip in clips])
+    mask = (torch.arange(WINDOW_FRAMES)[None, :] < frames[:, None]).to(torch.int32)
+    return {"input_features": features, "feature_attention_mask": mask}
+
+
 # Zero samples past a clip's end that make every mel frame the audio encoder reads equal to the window's own: the
 # encoder reads a clip's frames and the next one (tokens of the model's own length function); the STFT's centred
 # frames reach 200 samples (n_fft / 2) either side, and its reflection padding must see zeros as the window's does.
 SPAN_MARGIN_SAMPLES = 5 * HOP_SAMPLES + 400
+# At least this many frames: under 12 columns, the mel product (201 x 128 filters by the frames) takes another GEMM
+# kernel whose sums round differently from the window's (a clip of 0.03 s differed in the last bit); a second of
+# frames keeps every product on the path the 3000-frame window takes, at no measurable cost.
+SPAN_MIN_SAMPLES = 100 * HOP_SAMPLES
 
 
-def features_span(longest_samples: int) -> int:
-    """How many samples to extract log-mel features over: the longest clip and a margin, not the 30 s window.
+def features_span(samples: int) -> int:
+    """How many samples to extract a clip's log-mel features over: the clip and a margin, not the 30 s window.
 
     The feature extractor pads every clip to 30 s and runs its STFT over all of it: for a 2.6 s clip, 90% of the
     work (and the largest cost of the server process under load: bench/server.py with py-spy) goes to frames the
     encoder never reads. Over this span, the frames it reads are the same bit for bit (tests/engine/test_prompt.py
     checks it against the whole window), and the normalisation's maximum is the same (zeros give the floor)."""
-    span = -(-(longest_samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
-    return min(WINDOW_SAMPLES, span)
+    span = -(-(samples + SPAN_MARGIN_SAMPLES) // HOP_SAMPLES) * HOP_SAMPLES
+    return min(WINDOW_SAMPLES, max(SPAN_MIN_SAMPLES, span))
 
 
 def _in_window(features: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
