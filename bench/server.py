@@ -95,6 +95,7 @@ def requests_for(n: int, seconds: float) -> list[tuple[str, tuple[Message, ...]]
     for i in range(n):
         samples = make_request(i, seconds)[0].parts[0].clip.samples
         pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+        pcm.setflags(write=False)  # read-only, as the server's decoded clips are: both may reuse features alike
         clip = AudioClip(samples=pcm, duration_s=seconds, truncated=False, container="wav", codec="pcm_s16le")
         out.append(
             (wav_uri(samples), (Message("user", (AudioPart("bench", clip), TextPart(QUESTIONS[i % len(QUESTIONS)]))),))
