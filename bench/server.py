@@ -12,8 +12,10 @@ a backend wrapper in the server's engine process, so both do the same work). Sys
   thread-*      with --before: `ting serve --no-engine-process` (the engine on a thread of the server process,
                 as before the engine process existed), streaming and plain
 
-Prints output tokens/s, TTFT p50/p95 and the HTTP/in-process ratio per concurrency. Raw figures go to
-bench/out/server-<model>.json.
+Both kinds are loaded at once and measured in interleaved rounds (--rounds, default 3: in-process, then each
+server, streaming and plain, in turn), so that the machine's drift falls on all of them alike. Prints output
+tokens/s (all rounds' tokens over all rounds' time), TTFT p50/p95 and the HTTP/in-process ratio per concurrency.
+Raw figures go to bench/out/server-<model>.json.
 
   python bench/server.py --model tiny --concurrency 1,4,16,64
   python bench/server.py --model real-width --concurrency 1,4,16 --per-client 1 --max-tokens 32
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gc
 import io
 import json
 import os
@@ -70,6 +71,15 @@ class Result:
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU time (user + system) per process kind in the run
     steps: int = 0  # decoding steps the engine ran (the mean batch: output tokens / steps)
 
+    def add(self, other: Result) -> None:
+        self.requests += other.requests
+        self.output_tokens += other.output_tokens
+        self.wall_s += other.wall_s
+        self.ttft_s += other.ttft_s
+        self.steps += other.steps
+        for k, v in other.cpu_s.items():
+            self.cpu_s[k] = self.cpu_s.get(k, 0.0) + v
+
     @property
     def throughput(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s else float("nan")
@@ -89,10 +99,11 @@ def wav_uri(samples: np.ndarray) -> str:
     return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def requests_for(n: int, seconds: float) -> list[tuple[str, tuple[Message, ...]]]:
-    """n requests: the WAV data URI and, for in-process, the same samples as the server decodes them."""
+def requests_for(n: int, seconds: float, start: int = 0) -> list[tuple[str, tuple[Message, ...]]]:
+    """n requests (clips `start`, `start + 1`, ...): the WAV data URI and, for in-process, the same samples as the
+    server decodes them."""
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         samples = make_request(i, seconds)[0].parts[0].clip.samples
         pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
         pcm.setflags(write=False)  # read-only, as the server's decoded clips are: both may reuse features alike
@@ -135,6 +146,12 @@ async def run_in_process(engine: Engine, reqs: list[Any], c: int, per_client: in
     return Result("in-process", c, c * per_client, tokens, wall, ttft)
 
 
+def question_of(req: tuple[str, tuple[Message, ...]]) -> str:
+    text = req[1][0].parts[1]
+    assert isinstance(text, TextPart)
+    return text.text
+
+
 def dashscope_body(reqs: list[Any], i: int, max_tokens: int) -> dict[str, Any]:
     return {
         "model": "qwen-audio-turbo",
@@ -142,7 +159,7 @@ def dashscope_body(reqs: list[Any], i: int, max_tokens: int) -> dict[str, Any]:
             "messages": [
                 {
                     "role": "user",
-                    "content": [{"audio": reqs[i % len(reqs)][0]}, {"text": QUESTIONS[i % len(QUESTIONS)]}],
+                    "content": [{"audio": reqs[i % len(reqs)][0]}, {"text": question_of(reqs[i % len(reqs)])}],
                 }
             ]
         },
@@ -332,6 +349,9 @@ def main() -> None:
         help="the benchmark's HTTP client; it runs on the same cores as the server (aiohttp: about half httpx's CPU)",
     )
     parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per concurrency, each system in turn within a round"
+    )
+    parser.add_argument(
         "--before",
         action="store_true",
         help="also measure `ting serve --no-engine-process` (the engine on a thread of the server)",
@@ -342,7 +362,7 @@ def main() -> None:
     preset = args.model in tiny.PRESETS
     path = prepare_model(args.model) if preset else Path(args.model)
     dummy = preset and not tiny.PRESETS[args.model]["weights"]
-    reqs = requests_for(max(levels) * args.per_client, args.audio_seconds)
+    reqs = requests_for(2, args.audio_seconds, start=10**6)  # for the warm-ups
     results: dict[tuple[str, int], Result] = {}
     print(
         f"# server bench: {args.model}; {args.audio_seconds:g} s clips, {args.max_tokens} output tokens, "
@@ -355,36 +375,49 @@ def main() -> None:
     threads = engine.use_threads(args.engine_threads)
     engine.start()
     asyncio.run(run_in_process(engine, reqs, 2, 1, 4))  # warm-up: a prefill and batched steps
-    for c in levels:
-        before, steps = cpu_seconds(None), engine.stats.steps
-        results["in-process", c] = r = asyncio.run(run_in_process(engine, reqs, c, args.per_client, args.max_tokens))
-        r.cpu_s, r.steps = cpu_used(before, cpu_seconds(None)), engine.stats.steps - steps
-        print(f"in-process C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
-    engine.stop()
-    del engine, backend
-    gc.collect()
+
+    def measure(system: str, c: int, run: Any, pid: int | None, steps: Any) -> None:
+        """One round of one system at one concurrency, added to the system's totals."""
+        before, steps_before = cpu_seconds(pid), steps()
+        r = asyncio.run(run)
+        r.cpu_s, r.steps = cpu_used(before, cpu_seconds(pid)), steps() - steps_before
+        total = results.setdefault((system, c), Result(system, c))
+        total.add(r)
+        print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
 
     servers = [("http", True)] + ([("thread", False)] if args.before else [])
+    running: list[tuple[str, Server]] = []
     with tempfile.TemporaryDirectory(prefix="ting-bench-") as home:
-        for prefix, engine_process in servers:
-            server = Server(
-                path, Path(home) / prefix, dummy=dummy, slots=slots, engine_process=engine_process, threads=threads
-            )
-            try:
+        try:
+            for prefix, engine_process in servers:
+                server = Server(
+                    path, Path(home) / prefix, dummy=dummy, slots=slots, engine_process=engine_process, threads=threads
+                )
+                running.append((prefix, server))
                 server.wait_ready()
                 asyncio.run(warm_up_http(server.url, reqs))
-                for c in levels:
-                    for stream in (True, False):
-                        system = f"{prefix}-{'stream' if stream else 'plain'}"
-                        before, steps = cpu_seconds(server.proc.pid), server.steps()
-                        r = asyncio.run(
-                            run_http(server.url, system, reqs, c, args.per_client, args.max_tokens, stream, args.client)
-                        )
-                        r.cpu_s, r.steps = cpu_used(before, cpu_seconds(server.proc.pid)), server.steps() - steps
-                        results[system, c] = r
-                        print(f"{system} C={c}: {r.throughput:.1f} tok/s, TTFT p50 {r.pct_ms(50):.0f} ms", flush=True)
-            finally:
+            # Rounds interleave the systems, so that the machine's drift (a shared VM's speed wanders by tens of
+            # per cent over minutes) falls on all of them alike.
+            # Every request of the run has a clip of its own (the same request for every system): no round reuses
+            # another's audio, features or prompt (the caches would make later rounds follow-up turns).
+            clips = 0
+            for c in levels:
+                for _ in range(args.rounds):
+                    reqs = requests_for(c * args.per_client, args.audio_seconds, start=clips)
+                    clips += len(reqs)
+                    work = run_in_process(engine, reqs, c, args.per_client, args.max_tokens)
+                    measure("in-process", c, work, None, lambda: engine.stats.steps)
+                    for prefix, server in running:
+                        for stream in (True, False):
+                            system = f"{prefix}-{'stream' if stream else 'plain'}"
+                            work = run_http(
+                                server.url, system, reqs, c, args.per_client, args.max_tokens, stream, args.client
+                            )
+                            measure(system, c, work, server.proc.pid, server.steps)
+        finally:
+            for _, server in running:
                 server.stop()
+            engine.stop()
     print_table(results, levels, [p for p, _ in servers])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"server-{args.model}.json").write_text(
