@@ -139,6 +139,16 @@ def nginx_configuration(directory: Path, listen_port: int, replica_ports: list[i
     return main
 
 
+# Every answer runs to its max_tokens at 20 ms a step at least, whatever the machine's speed: the kill test needs
+# its 600-token requests in flight when it looks (a fast server had finished some of them before, and the test
+# waited for six reservations that were already settled).
+SLOW_STEPS = {
+    "TING_TEST_BACKEND_WRAPPER": "tests.engine.faults:endless_slow_steps",
+    "TING_TEST_STEP_DELAY_S": "0.02",
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
+}
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, postgres_admin: str) -> Iterator[Cluster]:
     nginx = nginx_binary()
@@ -159,6 +169,7 @@ def cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, postgres_a
                 *("--model", str(tiny_dir), "--home", str(tmp / name), "--database", database),
                 *("--instance-id", name, "--public-url", front, "--decode-workers", "1"),
                 *("--instance-heartbeat-s", "1", "--instance-timeout-s", "5"),  # a dead peer is released in ~6 s
+                env=SLOW_STEPS,
             )
         for serve in replicas.values():
             serve.wait_ready(timeout_s=180)
@@ -361,8 +372,8 @@ def test_a_replica_killed_mid_load_is_routed_around_and_its_reservations_release
 
     wait_until(lambda: all(s.request_id and s.events for s in streams), "every stream's first event")
     wait_until(lambda: len(placed()) == 6, "every request admitted")
-    # Each request's reservation names the replica it runs on, while it is in flight (600 tokens each: the tiny
-    # model on a CPU is far from finishing any of them by now). The victim is one that holds a plain request.
+    # Each request's reservation names the replica it runs on, while it is in flight (600 tokens each at 20 ms or
+    # more a step: SLOW_STEPS). The victim is one that holds a plain request.
     where = placed()
     plain_ids = set(where) - {s.request_id for s in streams}
     victim = min(where[rid] for rid in plain_ids)
