@@ -630,7 +630,7 @@ def use_threads(requested: int, backend: Any) -> int:
     2 through HTTP."""
     device = getattr(backend, "device", None)
     threads = requested or (1 if getattr(device, "type", "cpu") != "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
+    limit_threads(threads)
     return threads
 
 

@@ -195,25 +195,25 @@ class Quota:
         Only a database key has a balance to reserve from. For a static key or an open server there is nothing to
         write: the caller keeps the amount and hands it to `settle` (`reserved`), which caps the charge with it, as
         it caps a key's charge with the reservation row (one transaction less per request: bench/server.py)."""
-        if who.key_id is None:
+        key_id = who.key_id
+        if key_id is None:
             return
 
         def work(conn: sa.Connection) -> bool:
-            if who.key_id is not None:
-                granted = conn.execute(
-                    api_keys.update()
-                    .where(
-                        api_keys.c.id == who.key_id,
-                        sa.or_(
-                            api_keys.c.quota_tokens.is_(None),
-                            api_keys.c.quota_tokens - api_keys.c.spent_tokens - api_keys.c.reserved_tokens >= tokens,
-                        ),
-                    )
-                    .values(reserved_tokens=api_keys.c.reserved_tokens + tokens)
+            granted = conn.execute(
+                api_keys.update()
+                .where(
+                    api_keys.c.id == key_id,
+                    sa.or_(
+                        api_keys.c.quota_tokens.is_(None),
+                        api_keys.c.quota_tokens - api_keys.c.spent_tokens - api_keys.c.reserved_tokens >= tokens,
+                    ),
                 )
-                if granted.rowcount == 0:
-                    self._settle(conn, request_id, Outcome("refused", error_code=QuotaExhausted.code), time.time())
-                    return False
+                .values(reserved_tokens=api_keys.c.reserved_tokens + tokens)
+            )
+            if granted.rowcount == 0:
+                self._settle(conn, request_id, Outcome("refused", error_code=QuotaExhausted.code), time.time())
+                return False
             conn.execute(reservations.update().where(reservations.c.request_id == request_id).values(tokens=tokens))
             return True
 
